@@ -1,0 +1,335 @@
+"""Convergent RNNs with modern-Hopfield projection layers, trained by Equilibrium Propagation.
+
+Everything follows from one scalar, the primitive function Φ (SPEC §1). This module holds:
+the activations, the model (IMDB: one projection layer; SNLI: four parallel ones) with Φ,
+its closed-form state gradients and the Hebbian parameter gradients, the synchronous
+dynamics, the 2- and 3-phase EP update, the BPTT baseline, and the train / evaluate loops.
+
+Conventions: a state is a list `s` of tensors; `s[0]` is the stack of projection states
+[B, P, L, D] (P = 1 for IMDB, 4 for SNLI), `s[1:]` are the fully connected layers [B, H_k],
+`s[-1]` the output. Parameters are, in order, the P projection matrices [D, D] and the
+(weight, bias) of each fully connected layer; `model.params()` returns them as a list `p`
+and every function below accepts such a list so that checks can pass per-step copies.
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------- activations
+def my_sigmoid(x):
+    return torch.sigmoid(4.0 * (x - 0.5))
+
+
+def hard_sigmoid(x):
+    return (1.0 + F.hardtanh(2.0 * x - 1.0)) * 0.5
+
+
+def my_hard_sig(x):
+    return (1.0 + F.hardtanh(x - 1.0)) * 0.5
+
+
+ACTIVATIONS = {
+    "my_sigmoid": my_sigmoid,
+    "mysig": my_sigmoid,
+    "hard_sigmoid": hard_sigmoid,
+    "my_hard_sig": my_hard_sig,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+# (query input, key/value input) of each projection layer, indices into the model's inputs.
+# IMDB: inputs = [x]; SNLI: inputs = [p, h] -> s1: p over h, s2: h over p, s3: p over p, s4: h over h.
+PROJECTIONS = {"IMDB": [(0, 0)], "SNLI": [(0, 1), (1, 0), (0, 0), (1, 1)]}
+DEFAULT_GAMMA = {"IMDB": None, "SNLI": 0.16}  # None -> 1/sqrt(D)
+
+
+class DivergenceError(RuntimeError):
+    """A state, output or gradient became NaN/Inf."""
+
+
+# ----------------------------------------------------------------------------- the model
+class EPNet(nn.Module):
+    """Convergent RNN: P parallel Hopfield projection layers followed by an FC stack (SPEC §1)."""
+
+    def __init__(self, dataset, seq_len, embed_dim, fc_layers, act="my_hard_sig", gamma=None):
+        super().__init__()
+        if dataset not in PROJECTIONS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(PROJECTIONS)}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
+        self.dataset, self.L, self.D = dataset, int(seq_len), int(embed_dim)
+        self.fc_layers, self.act_name = [int(h) for h in fc_layers], act
+        self.act = ACTIVATIONS[act]
+        self.pairs = PROJECTIONS[dataset]
+        self.P = len(self.pairs)
+        if gamma is None:
+            gamma = DEFAULT_GAMMA[dataset] or 1.0 / math.sqrt(self.D)
+        self.gamma = float(gamma)
+        self.proj = nn.ParameterList(
+            [nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
+        sizes = [self.P * self.L * self.D] + self.fc_layers
+        self.fc = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
+        for w in self.proj:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # same law as nn.Linear
+
+    @property
+    def n_classes(self):
+        return self.fc_layers[-1]
+
+    @property
+    def n_synapse_layers(self):
+        return self.P + len(self.fc)
+
+    def config(self):
+        """The JSON-able architecture, enough to rebuild the model."""
+        return {"dataset": self.dataset, "seq_len": self.L, "embed_dim": self.D,
+                "fc_layers": self.fc_layers, "act": self.act_name, "gamma": self.gamma}
+
+    def params(self):
+        """Parameters as a flat list p: [W_proj_1..P, W_fc1, b_fc1, W_fc2, b_fc2, ...]."""
+        return list(self.parameters())
+
+    def param_names(self):
+        return [n for n, _ in self.named_parameters()]
+
+    def layer_groups(self):
+        """One list of parameters per synapse layer (projections first), for per-layer lrs."""
+        return [[w] for w in self.proj] + [[l.weight, l.bias] for l in self.fc]
+
+    def _split(self, p):
+        p = self.params() if p is None else p
+        return p[:self.P], p[self.P::2], p[self.P + 1::2]  # projections, FC weights, FC biases
+
+    # -- input-only terms, once per batch ----------------------------------------------
+    def inputs(self, x):
+        """x: IMDB [B, L, D]; SNLI [B, 2, L, D] -> list of [B, L, D] input sequences."""
+        return [x] if x.dim() == 3 else list(x.unbind(1))
+
+    def precompute(self, x, p=None):
+        """Bottom-up drive x·Wᵀ [B, P, L, D] and the attended keys/values [B, P, L, D]."""
+        proj, _, _ = self._split(p)
+        xs = self.inputs(x)
+        drive = torch.stack([xs[q] @ w.t() for (q, _), w in zip(self.pairs, proj)], 1)
+        keys = torch.stack([xs[k] for _, k in self.pairs], 1)
+        return drive, keys
+
+    def init_states(self, batch_size, device=None, dtype=None):
+        """All layers at zero: [B, P, L, D] then [B, H_k] for each FC layer."""
+        kw = {"device": device, "dtype": dtype}
+        return [torch.zeros(batch_size, self.P, self.L, self.D, **kw)] + \
+               [torch.zeros(batch_size, h, **kw) for h in self.fc_layers]
+
+    # -- Φ and its gradients ----------------------------------------------------------
+    def phi(self, x, s, beta=0.0, y=None, p=None):
+        """Primitive function Φ(x, s, θ; β, y) per sample, shape [B] (SPEC §1)."""
+        _, W, b = self._split(p)
+        drive, _ = self.precompute(x, p)
+        out = (s[0] * drive).flatten(1).sum(1)
+        for k in range(len(W)):
+            out = out + (s[k + 1] * F.linear(s[k].flatten(1), W[k], b[k])).sum(1)
+        if beta != 0.0:
+            out = out - beta * 0.5 * ((s[-1] - one_hot(y, s[-1])) ** 2).sum(1)
+        return out
+
+    def grad_states(self, s, drive, beta=0.0, y=None, p=None):
+        """Closed-form ∂Φ/∂s_k for every layer (SPEC §1, 'one step of the dynamics')."""
+        _, W, b = self._split(p)
+        g = [drive + (s[1] @ W[0]).view_as(s[0])]  # bottom-up + top-down feedback
+        for k in range(1, len(s)):
+            gk = F.linear(s[k - 1].flatten(1), W[k - 1], b[k - 1])
+            if k < len(s) - 1:
+                gk = gk + s[k + 1] @ W[k]
+            elif beta != 0.0:
+                gk = gk + beta * (one_hot(y, s[k]) - s[k])
+            g.append(gk)
+        return g
+
+    def update(self, g, keys):
+        """New states from the gradients: Hopfield retrieval for s[0], σ for the rest."""
+        attn = torch.softmax(self.gamma * (g[0] @ keys.transpose(-1, -2)), dim=-1)  # [B,P,L,L]
+        return [attn @ keys] + [self.act(gk) for gk in g[1:]]
+
+    def step(self, s, drive, keys, beta=0.0, y=None, p=None):
+        """One synchronous step of the dynamics, all layers updated from s(t)."""
+        return self.update(self.grad_states(s, drive, beta, y, p), keys)
+
+    def step_reference(self, x, s, keys, beta=0.0, y=None):
+        """The same step with ∂Φ/∂s from autograd of Φ: slow, for tests and benchmarks."""
+        with torch.enable_grad():
+            s = [t.detach().requires_grad_(True) for t in s]
+            g = torch.autograd.grad(self.phi(x, s, beta, y).sum(), s)
+        return [t.detach() for t in self.update(list(g), keys)]
+
+    def hebbian(self, x, s):
+        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (SPEC §2.5)."""
+        B = s[0].shape[0]
+        xs = self.inputs(x)
+        out = [torch.einsum("bld,ble->de", s[0][:, j], xs[q]) / B
+               for j, (q, _) in enumerate(self.pairs)]
+        for k in range(len(self.fc)):
+            out.append(s[k + 1].t() @ s[k].flatten(1) / B)
+            out.append(s[k + 1].mean(0))
+        return out
+
+
+def one_hot(y, like):
+    return F.one_hot(y, like.shape[-1]).to(like.dtype)
+
+
+def mse_loss(out, y):
+    """ℓ(s_N, y) = ½‖s_N − onehot(y)‖², averaged over the batch."""
+    return 0.5 * ((out - one_hot(y, out)) ** 2).sum(1).mean()
+
+
+def build_model(cfg):
+    """Rebuild an EPNet from its `config()` dict."""
+    return EPNet(cfg["dataset"], cfg["seq_len"], cfg["embed_dim"], cfg["fc_layers"],
+                 cfg["act"], cfg["gamma"])
+
+
+# ----------------------------------------------------------------------------- dynamics
+def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None):
+    """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
+    state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used)."""
+    for t in range(steps):
+        new = model.step(s, drive, keys, beta, y)
+        if tol is not None and max(_rel_change(a, b) for a, b in zip(new, s)) < tol:
+            return new, t + 1
+        s = new
+    return s, steps
+
+
+def _rel_change(new, old):
+    return ((new - old).abs().max() / (new.abs().max() + 1e-12)).item()
+
+
+def check_finite(s, phase):
+    """Divergence guard: raise naming the phase and layer of the first non-finite state."""
+    for k, t in enumerate(s):
+        if not torch.isfinite(t).all():
+            name = "projection states s[0]" if k == 0 else f"layer s[{k}]"
+            raise DivergenceError(f"non-finite values in {name} after the {phase} phase")
+
+
+def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None):
+    """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
+    of the loss gradient (SPEC §2). Returns (free-phase output [B, C], info dict)."""
+    beta1, beta2 = betas
+    with torch.no_grad():
+        drive, keys = model.precompute(x)
+        s0, n_free = relax(model, model.init_states(x.shape[0], x.device, x.dtype),
+                           drive, keys, T, beta1, y, tol)
+        check_finite(s0, "free")
+        s_pos, n_pos = relax(model, s0, drive, keys, K, beta2, y, tol)
+        check_finite(s_pos, "nudged (+beta)")
+        if thirdphase:
+            s_neg, n_neg = relax(model, s0, drive, keys, K, -beta2, y, tol)
+            check_finite(s_neg, "nudged (-beta)")
+            h_a, h_b, scale = model.hebbian(x, s_pos), model.hebbian(x, s_neg), 2 * beta2
+        else:
+            n_neg = 0
+            h_a, h_b, scale = model.hebbian(x, s_pos), model.hebbian(x, s0), beta2 - beta1
+        for prm, a, b in zip(model.params(), h_a, h_b):
+            prm.grad = -(a - b) / scale
+    return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg}
+
+
+def bptt_gradients(model, x, y, T, K):
+    """T−K free steps without a graph, K recorded steps, backprop of ℓ (SPEC §2, BPTT)."""
+    with torch.no_grad():
+        drive, keys = model.precompute(x)
+        s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)
+    drive, keys = model.precompute(x)
+    for _ in range(K):
+        s = model.step(s, drive, keys)
+    check_finite(s, "BPTT forward")
+    model.zero_grad(set_to_none=True)
+    mse_loss(s[-1], y).backward()
+    return s[-1].detach(), {"free_steps": T, "nudged_steps": 0}
+
+
+def check_grads_finite(model):
+    for name, prm in model.named_parameters():
+        if prm.grad is not None and not torch.isfinite(prm.grad).all():
+            raise DivergenceError(f"non-finite gradient for parameter {name}")
+
+
+# ----------------------------------------------------------------------------- loops
+def make_optimizer(model, lrs):
+    """Adam with one parameter group (and learning rate) per synapse layer."""
+    groups = model.layer_groups()
+    if len(lrs) != len(groups):
+        raise ValueError(f"--lrs needs {len(groups)} learning rates for this architecture "
+                         f"({model.P} projection + {len(model.fc)} fully connected layers), "
+                         f"got {len(lrs)}")
+    return torch.optim.Adam([{"params": g, "lr": lr} for g, lr in zip(groups, lrs)], eps=1e-8)
+
+
+def embed(embeddings, ids, dtype):
+    """Token ids [B, L] or [B, 2, L] -> word vectors [..., L, D] on the embeddings' device."""
+    return embeddings[ids.long()].to(dtype)
+
+
+def batches(n, batch_size, generator=None):
+    """Index batches over n samples, shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None):
+    """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
+    batch_size, tol. Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
+    device, dtype = embeddings.device, next(model.parameters()).dtype
+    model.train()
+    correct = seen = free = nudged = nb = 0
+    start = time.perf_counter()
+    bar = tqdm(batches(len(split), hp["batch_size"], generator), desc=desc, leave=False,
+               dynamic_ncols=True)
+    for idx in bar:
+        x = embed(embeddings, split.ids[idx].to(device), dtype)
+        y = split.labels[idx].to(device)
+        if hp["alg"] == "EP":
+            out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
+                                     hp["thirdphase"], hp.get("tol"))
+        else:
+            out, info = bptt_gradients(model, x, y, hp["T"], hp["K"])
+        if hook is not None:
+            hook(model)
+        check_grads_finite(model)
+        optimizer.step()
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(idx)
+        free, nudged, nb = free + info["free_steps"], nudged + info["nudged_steps"], nb + 1
+        bar.set_postfix(acc=f"{correct / seen:.3f}")
+    seconds = time.perf_counter() - start
+    return {"train_acc": correct / max(seen, 1), "samples": seen, "seconds": seconds,
+            "free_steps": free / max(nb, 1), "nudged_steps": nudged / max(nb, 1)}
+
+
+@torch.no_grad()
+def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None):
+    """Output layer after T free steps (β = 0) for every sample: [N, C]."""
+    device, dtype = embeddings.device, next(model.parameters()).dtype
+    model.eval()
+    outs = []
+    chunks = batches(len(ids), batch_size)
+    for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
+        x = embed(embeddings, ids[idx].to(device), dtype)
+        drive, keys = model.precompute(x)
+        s, _ = relax(model, model.init_states(len(idx), device, dtype), drive, keys, T, tol=tol)
+        check_finite(s, "evaluation free")
+        outs.append(s[-1].cpu())
+    return torch.cat(outs) if outs else torch.zeros(0, model.n_classes)
+
+
+def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval"):
+    """Accuracy: argmax of the output after T free steps with β = 0."""
+    if len(split) == 0:
+        return float("nan")
+    out = predict_outputs(model, split.ids, embeddings, T, batch_size, tol, desc)
+    return (out.argmax(1) == split.labels).float().mean().item()

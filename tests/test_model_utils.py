@@ -1,0 +1,173 @@
+"""The engine's mathematics as checks: closed form = autograd, EP = BPTT, training learns."""
+import pytest
+import torch
+
+import model_utils as mu
+
+torch.set_num_threads(2)
+
+
+def tiny(dataset, L=4, D=5, fc=(7, 3), act="my_sigmoid", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    fc = list(fc) if dataset == "SNLI" else list(fc[:-1]) + [2]
+    model = mu.EPNet(dataset, L, D, fc, act).to(dtype)
+    shape = (3, L, D) if dataset == "IMDB" else (3, 2, L, D)
+    x = torch.randn(*shape, dtype=dtype)
+    y = torch.randint(0, model.n_classes, (3,))
+    return model, x, y
+
+
+def random_state(model, B, dtype=torch.float64):
+    return [torch.rand_like(t) for t in model.init_states(B, dtype=dtype)]
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_closed_form_state_gradient_equals_autograd(dataset, beta):
+    model, x, y = tiny(dataset)
+    s = [t.requires_grad_(True) for t in random_state(model, 3)]
+    auto = torch.autograd.grad(model.phi(x, s, beta, y).sum(), s)
+    drive, _ = model.precompute(x)
+    closed = model.grad_states([t.detach() for t in s], drive, beta, y)
+    for a, c in zip(auto, closed):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_fast_step_equals_autograd_reference_step(dataset):
+    model, x, y = tiny(dataset)
+    s = random_state(model, 3)
+    drive, keys = model.precompute(x)
+    for a, b in zip(model.step(s, drive, keys, 0.2, y), model.step_reference(x, s, keys, 0.2, y)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_hebbian_equals_autograd_param_gradient(dataset):
+    model, x, y = tiny(dataset)
+    s = random_state(model, 3)
+    auto = torch.autograd.grad(model.phi(x, s).mean(), model.params())
+    for a, h in zip(auto, model.hebbian(x, s)):
+        torch.testing.assert_close(h, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("thirdphase", [False, True])
+def test_ep_update_is_difference_of_autograd_param_gradients(thirdphase):
+    model, x, y = tiny("SNLI")
+    T, K, betas = 30, 10, (0.0, 0.1)
+    mu.ep_gradients(model, x, y, T, K, betas, thirdphase)
+    got = [p.grad.clone() for p in model.params()]
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s0, _ = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, T)
+        sp, _ = mu.relax(model, s0, drive, keys, K, 0.1, y)
+        sm, _ = mu.relax(model, s0, drive, keys, K, -0.1, y) if thirdphase else (s0, 0)
+    ga = torch.autograd.grad(model.phi(x, sp).mean(), model.params())
+    gb = torch.autograd.grad(model.phi(x, sm).mean(), model.params())
+    scale = 0.2 if thirdphase else 0.1
+    for g, a, b in zip(got, ga, gb):
+        torch.testing.assert_close(g, -(a - b) / scale, rtol=1e-9, atol=1e-12)
+
+
+def converged_problem(dataset, seed=0):
+    # Small weights make the dynamics a contraction, so the free phase reaches its fixed point.
+    model, x, y = tiny(dataset, act="my_sigmoid", seed=seed)
+    with torch.no_grad():
+        for p in model.params():
+            p.mul_(0.5)
+    return model, x, y
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_free_phase_converges_to_a_fixed_point(dataset):
+    model, x, y = converged_problem(dataset)
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s, used = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, 200, tol=1e-12)
+        nxt = model.step(s, drive, keys)
+    assert used < 200
+    for a, b in zip(s, nxt):
+        assert (a - b).abs().max() < 1e-10
+
+
+def bptt_reference_gradient(model, x, y, T):
+    """Gradient of the loss at the free-phase fixed point, by autograd through all T steps."""
+    model.zero_grad(set_to_none=True)
+    drive, keys = model.precompute(x)
+    s = model.init_states(x.shape[0], dtype=x.dtype)
+    for _ in range(T):
+        s = model.step(s, drive, keys)
+    mu.mse_loss(s[-1], y).backward()
+    return [p.grad.clone() for p in model.params()]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_three_phase_ep_matches_bptt_and_beats_two_phase(dataset):
+    model, x, y = converged_problem(dataset)
+    ref = bptt_reference_gradient(model, x, y, T=150)
+    errs = {}
+    for third in (False, True):
+        mu.ep_gradients(model, x, y, T=150, K=100, betas=(0.0, 0.05), thirdphase=third)
+        errs[third] = [rel_err(p.grad, r) for p, r in zip(model.params(), ref)]
+    assert max(errs[True]) < 0.02, errs[True]
+    assert sum(errs[True]) < sum(errs[False])
+    for e3, e2 in zip(errs[True], errs[False]):
+        assert e3 < e2
+
+
+def test_bptt_gradients_match_autograd_through_all_steps():
+    model, x, y = converged_problem("IMDB")
+    ref = bptt_reference_gradient(model, x, y, T=60)
+    mu.bptt_gradients(model, x, y, T=60, K=60)
+    for p, r in zip(model.params(), ref):
+        torch.testing.assert_close(p.grad, r)
+
+
+def test_activations():
+    x = torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0])
+    torch.testing.assert_close(mu.my_hard_sig(x), (x / 2).clamp(0, 1))
+    torch.testing.assert_close(mu.hard_sigmoid(x), x.clamp(0, 1))
+    torch.testing.assert_close(mu.my_sigmoid(x), 1 / (1 + torch.exp(-4 * (x - 0.5))))
+    assert mu.ACTIVATIONS["mysig"] is mu.my_sigmoid
+
+
+def test_wrong_number_of_learning_rates_is_a_clear_error():
+    model, _, _ = tiny("SNLI", dtype=torch.float32)
+    with pytest.raises(ValueError, match="needs 6 learning rates"):
+        mu.make_optimizer(model, [0.1] * 3)
+
+
+class Split:
+    def __init__(self, ids, labels):
+        self.ids, self.labels = ids, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def synthetic_sequences(n, L=6, V=8, seed=0):
+    """Class = whether token 1 ('good') occurs more often than token 2 ('bad')."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (n, L), generator=g)
+    good, bad = (ids == 1).sum(1), (ids == 2).sum(1)
+    keep = good != bad
+    return Split(ids[keep].int(), (good > bad)[keep].long())
+
+
+@pytest.mark.parametrize("alg", ["EP", "BPTT"])
+def test_training_learns_a_synthetic_sequence_task(alg):
+    torch.manual_seed(0)
+    train, test = synthetic_sequences(600, seed=1), synthetic_sequences(300, seed=2)
+    emb = torch.randn(8, 4)
+    emb[0] = 0
+    model = mu.EPNet("IMDB", 6, 4, [32, 2], "my_hard_sig")
+    opt = mu.make_optimizer(model, [0.01, 0.01, 0.01])
+    hp = {"alg": alg, "T": 20, "K": 8, "betas": (0.0, 0.2), "thirdphase": True,
+          "batch_size": 20, "tol": None}
+    for epoch in range(15):
+        mu.train_epoch(model, opt, train, emb, hp, torch.Generator().manual_seed(epoch))
+    assert mu.evaluate(model, test, emb, 20, 100) > 0.9
