@@ -214,11 +214,14 @@ def build_model(cfg):
 
 
 # ----------------------------------------------------------------------------- dynamics
-def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None):
+def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None):
     """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
-    state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used)."""
+    state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
+    `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
+    autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks)."""
     for t in range(steps):
-        new = model.step(s, drive, keys, beta, y)
+        new = model.step(s, drive, keys, beta, y, p) if x is None else \
+            model.step_reference(x, s, keys, beta, y)
         if tol is not None and max(_rel_change(a, b) for a, b in zip(new, s)) < tol:
             return new, t + 1
         s = new
@@ -237,41 +240,75 @@ def check_finite(s, phase):
             raise DivergenceError(f"non-finite values in {name} after the {phase} phase")
 
 
-def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None):
+def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, dynamics_dtype=None,
+                 reference=False):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
-    of the loss gradient (SPEC §2). Returns (free-phase output [B, C], info dict)."""
+    of the loss gradient (SPEC §2). Returns (free-phase output [B, C], info dict with the
+    steps used and the seconds spent in each phase).
+    dynamics_dtype: run the phases in this dtype (torch.bfloat16: CPUs with avx512_bf16, CUDA)
+    on copies of the weights; the Hebbian estimate is accumulated in the model's dtype.
+    reference: take the autograd-of-Φ steps of the original implementation (slow)."""
     beta1, beta2 = betas
+    clock = Clock(x.device)
     with torch.no_grad():
-        drive, keys = model.precompute(x)
-        s0, n_free = relax(model, model.init_states(x.shape[0], x.device, x.dtype),
-                           drive, keys, T, beta1, y, tol)
+        dt = dynamics_dtype or x.dtype
+        p = None if dt == x.dtype else [w.to(dt) for w in model.params()]
+        if reference and p is not None:
+            raise ValueError("the reference dynamics run in the model's dtype only")
+        drive, keys = model.precompute(x.to(dt), p)
+
+        def run(s, steps, beta):
+            return relax(model, s, drive, keys, steps, beta, y, tol, p, x if reference else None)
+
+        s0, n_free = run(model.init_states(x.shape[0], x.device, dt), T, beta1)
         check_finite(s0, "free")
-        s_pos, n_pos = relax(model, s0, drive, keys, K, beta2, y, tol)
+        free_s = clock()
+        s_pos, n_pos = run(s0, K, beta2)
         check_finite(s_pos, "nudged (+beta)")
-        if thirdphase:
-            s_neg, n_neg = relax(model, s0, drive, keys, K, -beta2, y, tol)
-            check_finite(s_neg, "nudged (-beta)")
-            h_a, h_b, scale = model.hebbian(x, s_pos), model.hebbian(x, s_neg), 2 * beta2
-        else:
-            n_neg = 0
-            h_a, h_b, scale = model.hebbian(x, s_pos), model.hebbian(x, s0), beta2 - beta1
+        s_neg, n_neg = run(s0, K, -beta2) if thirdphase else (s0, 0)
+        check_finite(s_neg, "nudged (-beta)")
+        nudged_s = clock()
+        scale = 2 * beta2 if thirdphase else beta2 - beta1
+        h_a, h_b = (model.hebbian(x, [t.to(x.dtype) for t in s]) for s in (s_pos, s_neg))
         for prm, a, b in zip(model.params(), h_a, h_b):
             prm.grad = -(a - b) / scale
-    return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg}
+    return s0[-1].to(x.dtype), {"free_steps": n_free, "nudged_steps": n_pos + n_neg,
+                                "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
+
+
+class Clock:
+    """Seconds since the previous call (or creation), synchronising CUDA first."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.last = self.now()
+
+    def now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self):
+        last, self.last = self.last, self.now()
+        return self.last - last
 
 
 def bptt_gradients(model, x, y, T, K):
-    """T−K free steps without a graph, K recorded steps, backprop of ℓ (SPEC §2, BPTT)."""
+    """T−K free steps without a graph, K recorded steps, backprop of ℓ (SPEC §2, BPTT).
+    info: steps, and seconds without the graph (free_s) and with it plus backprop (nudged_s)."""
+    clock = Clock(x.device)
     with torch.no_grad():
         drive, keys = model.precompute(x)
         s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)
+    free_s = clock()
     drive, keys = model.precompute(x)
     for _ in range(K):
         s = model.step(s, drive, keys)
     check_finite(s, "BPTT forward")
     model.zero_grad(set_to_none=True)
     mse_loss(s[-1], y).backward()
-    return s[-1].detach(), {"free_steps": T, "nudged_steps": 0}
+    return s[-1].detach(), {"free_steps": T, "nudged_steps": 0, "free_s": free_s,
+                            "nudged_s": clock(), "hebbian_s": 0.0}
 
 
 def check_grads_finite(model):
@@ -304,7 +341,7 @@ def batches(n, batch_size, generator=None):
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol. Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
+    batch_size, tol, optionally dynamics_dtype (see ep_gradients). Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     model.train()
     correct = seen = free = nudged = nb = 0
@@ -316,7 +353,7 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
         y = split.labels[idx].to(device)
         if hp["alg"] == "EP":
             out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                     hp["thirdphase"], hp.get("tol"))
+                                     hp["thirdphase"], hp.get("tol"), hp.get("dynamics_dtype"))
         else:
             out, info = bptt_gradients(model, x, y, hp["T"], hp["K"])
         if hook is not None:
@@ -333,24 +370,27 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
 
 
 @torch.no_grad()
-def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None):
+def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None,
+                    dynamics_dtype=None):
     """Output layer after T free steps (β = 0) for every sample: [N, C]."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
+    dt = dynamics_dtype or dtype
+    p = None if dt == dtype else [w.to(dt) for w in model.params()]
     model.eval()
     outs = []
     chunks = batches(len(ids), batch_size)
     for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
-        x = embed(embeddings, ids[idx].to(device), dtype)
-        drive, keys = model.precompute(x)
-        s, _ = relax(model, model.init_states(len(idx), device, dtype), drive, keys, T, tol=tol)
+        x = embed(embeddings, ids[idx].to(device), dt)
+        drive, keys = model.precompute(x, p)
+        s, _ = relax(model, model.init_states(len(idx), device, dt), drive, keys, T, tol=tol, p=p)
         check_finite(s, "evaluation free")
-        outs.append(s[-1].cpu())
+        outs.append(s[-1].to(dtype).cpu())
     return torch.cat(outs) if outs else torch.zeros(0, model.n_classes)
 
 
-def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval"):
+def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", dynamics_dtype=None):
     """Accuracy: argmax of the output after T free steps with β = 0."""
     if len(split) == 0:
         return float("nan")
-    out = predict_outputs(model, split.ids, embeddings, T, batch_size, tol, desc)
+    out = predict_outputs(model, split.ids, embeddings, T, batch_size, tol, desc, dynamics_dtype)
     return (out.argmax(1) == split.labels).float().mean().item()
