@@ -1,0 +1,192 @@
+"""The GDU check as checks: EP's per-step updates equal BPTT's per-step gradients at a fixed
+point, the symmetric estimate is the better one, the linear-time BPTT equals its definition,
+and the gducheck entry writes its metrics and plots."""
+import argparse
+import json
+
+import pytest
+import torch
+
+import gdu
+import model_utils as mu
+
+torch.set_num_threads(2)
+
+METRIC_KEYS = {"rel_rmse_one_sided", "rel_rmse_symmetric",
+               "sign_agreement_one_sided", "sign_agreement_symmetric"}
+
+
+def tiny(dataset, act="my_sigmoid", scale=1.0, B=3, seed=0):
+    """A tiny float64 model of either architecture (L=4, D=5, one hidden layer of 7)."""
+    torch.manual_seed(seed)
+    model = mu.EPNet(dataset, 4, 5, [7, 2] if dataset == "IMDB" else [7, 3], act).double()
+    with torch.no_grad():
+        for p in model.params():
+            p.mul_(scale)
+    x = torch.randn(B, 4, 5) if dataset == "IMDB" else torch.randn(B, 2, 4, 5)
+    y = torch.randint(0, model.n_classes, (B,))
+    return model, x.double(), y
+
+
+def converged(dataset):
+    # Small weights make the dynamics a contraction: T = 80 steps reach the fixed point.
+    return tiny(dataset, act="my_sigmoid", scale=0.5)
+
+
+@pytest.fixture(scope="module", params=["IMDB", "SNLI"])
+def converged_check(request):
+    model, x, y = converged(request.param)
+    result = gdu.gdu_check(model, x, y, T=80, K=15, beta=1e-3, thirdphase=True)
+    return model, result, gdu.gdu_metrics(result)
+
+
+def test_free_phase_is_at_its_fixed_point(converged_check):
+    _, result, _ = converged_check
+    assert result["free_residual"] < 1e-12
+
+
+def test_symmetric_ep_matches_bptt_on_every_layer(converged_check):
+    model, _, metrics = converged_check
+    names = model.param_names() + gdu.neuron_names(model)
+    assert list(metrics["layers"]) == names
+    for name, m in metrics["layers"].items():
+        assert set(m) == METRIC_KEYS
+        assert m["rel_rmse_symmetric"] < 0.05, (name, m)
+        assert m["sign_agreement_symmetric"] > 0.95, (name, m)
+
+
+def test_symmetric_estimate_beats_one_sided_on_every_layer(converged_check):
+    _, result, metrics = converged_check
+    for name, m in metrics["layers"].items():
+        assert m["rel_rmse_symmetric"] < m["rel_rmse_one_sided"], (name, m)
+        assert gdu.symmetric_gain(result, name) < 1.0, name
+
+
+def test_bptt_curves_are_not_trivial(converged_check):
+    # Every layer receives gradient within K steps, so the comparison above is not 0 == 0.
+    _, result, _ = converged_check
+    for name in result["names"]:
+        assert result["bptt"][name].abs().sum() > 0, name
+
+
+def truncated_bptt(model, x, y, T, k):
+    """The definition: detach the state at T−k, backprop ℓ(s_T) through the last k steps.
+    Returns −∂ℓ/∂θ and −B·∂ℓ/∂g_{T−k} (the first recorded step's pre-activations)."""
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s, _ = mu.relax(model, model.init_states(x.shape[0], dtype=x.dtype), drive, keys, T - k)
+    g_first = None
+    for t in range(k):
+        g = model.grad_states(s, drive)
+        g_first = g if t == 0 else g_first
+        s = model.update(g, keys)
+    grads = torch.autograd.grad(mu.mse_loss(s[-1], y), model.params() + g_first,
+                                allow_unused=True)
+    grads = [torch.zeros_like(v) if gr is None else gr
+             for v, gr in zip(model.params() + g_first, grads)]
+    n = len(model.params())
+    return [-gr for gr in grads[:n]], [-x.shape[0] * gr for gr in grads[n:]]
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_linear_time_bptt_equals_truncated_runs(dataset):
+    model, x, y = tiny(dataset, act="my_sigmoid")  # not converged: the identity holds anyway
+    T, K = 12, 6
+    result = gdu.gdu_check(model, x, y, T, K, beta=0.01, thirdphase=False)
+    pnames, snames = model.param_names(), gdu.neuron_names(model)
+    for k in range(1, K + 1):
+        theta, pre = truncated_bptt(model, x, y, T, k)
+        for name, ref in zip(pnames, theta):
+            cumulative = result["bptt"][name][:k].sum(0)
+            torch.testing.assert_close(cumulative, ref, rtol=1e-10, atol=1e-13)
+        for name, ref in zip(snames, pre):  # neurons: the k-th-to-last step's own gradient
+            torch.testing.assert_close(result["bptt"][name][k - 1], ref, rtol=1e-10, atol=1e-13)
+
+
+def test_check_leaves_the_model_alone_and_honours_dtype():
+    model, x, y = tiny("IMDB")
+    model = model.float()
+    before = [p.detach().clone() for p in model.params()]
+    result = gdu.gdu_check(model, x.float(), y, T=10, K=4, beta=0.01, dtype="float64")
+    assert result["dtype"] == "float64"
+    assert all(v.dtype == torch.float64 for v in result["bptt"].values())
+    for p, b in zip(model.params(), before):
+        assert p.dtype == torch.float32 and torch.equal(p, b) and p.grad is None
+    result32 = gdu.gdu_check(model, x, y, T=10, K=4, beta=0.01, dtype=torch.float32)
+    assert all(v.dtype == torch.float32 for v in result32["ep_sym"].values())
+
+
+def test_bad_arguments_are_clear_errors():
+    model, x, y = tiny("IMDB")
+    with pytest.raises(ValueError, match="K <= T"):
+        gdu.gdu_check(model, x, y, T=5, K=6, beta=0.1)
+    with pytest.raises(ValueError, match="nonzero beta"):
+        gdu.gdu_check(model, x, y, T=5, K=2, beta=0.0)
+
+
+def test_metric_definitions():
+    ep = torch.tensor([[1.0, 0.0, -2.0], [0.0, 0.0, 1.0]])  # [K=2, 3 entries]
+    bptt = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, -3.0]])
+    # cumulative: EP [[1,0,-2],[1,0,-1]], BPTT [[1,0,1],[1,0,-2]]
+    assert gdu.rel_rmse(ep, bptt) == pytest.approx(10 ** 0.5 / 7 ** 0.5)
+    assert gdu.rel_rmse(torch.zeros(2, 3), torch.zeros(2, 3)) == 0.0
+    # final EP [1, 0, -1] vs BPTT [1, 0, -2]: the zero entry agrees (both exactly zero)
+    assert gdu.sign_agreement(ep, bptt) == 1.0
+    assert gdu.sign_agreement(ep, -bptt) == pytest.approx(1 / 3)
+
+
+def test_convergence_trace_and_warning():
+    model, x, _ = converged("SNLI")
+    trace = gdu.convergence_trace(model, x, 60)
+    assert len(trace["delta"]) == len(trace["phi"]) == 60
+    assert trace["delta"][-1] < 1e-10 < trace["delta"][0]
+    assert "WARNING" not in gdu.format_convergence(trace)
+    short = gdu.format_convergence(gdu.convergence_trace(model, x, 2))
+    assert "WARNING" in short and "increase T" in short
+
+
+def args_for(**kw):
+    parser = gdu.add_gdu_args(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    assert (args.gdu_dtype, args.gdu_samples) == ("float64", 16)
+    for k, v in {"T": 40, "K": 8, "betas": [0.0, 0.01], "thirdphase": True, "save": False,
+                 **kw}.items():
+        setattr(args, k, v)
+    return args
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dataset,thirdphase", [("IMDB", True), ("SNLI", False)])
+def test_run_gducheck_writes_metrics_and_plots(tmp_path, dataset, thirdphase):
+    model, x, y = converged(dataset)
+    out, lines = tmp_path / "run", []
+    metrics = gdu.run_gducheck(model, x, y, args_for(save=True, thirdphase=thirdphase), str(out),
+                               log=lines.append)
+    saved = json.loads((out / "gdu_metrics.json").read_text())
+    assert saved == metrics
+    assert set(saved) == {"layers", "T", "K", "betas"}
+    assert (saved["T"], saved["K"], saved["betas"]) == (40, 8, [0.0, 0.01])
+    assert list(saved["layers"]) == model.param_names() + gdu.neuron_names(model)
+    expected = METRIC_KEYS if thirdphase else {k for k in METRIC_KEYS if "one_sided" in k}
+    assert all(set(m) == expected for m in saved["layers"].values())
+    text = "\n".join(lines)
+    assert "free phase convergence" in text and "relRMSE" in text
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    expected_pngs = {f"gdu_{n}.png" for n in model.param_names()} | {
+        "gdu_summary.png", "convergence.png",
+        "gdu_symmetric_gain.png" if thirdphase else "gdu_rel_rmse.png"}
+    assert set(pngs) == expected_pngs
+    for name in pngs:
+        assert (out / name).stat().st_size > 1000 and is_png(out / name)
+    assert not list(out.glob(".tmp_*"))
+
+
+def test_run_gducheck_without_save_writes_only_json(tmp_path):
+    model, x, y = converged("IMDB")
+    gdu.run_gducheck(model, x, y, args_for(gdu_dtype="float32"), str(tmp_path / "r"),
+                     log=lambda s: None)
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["gdu_metrics.json"]
