@@ -1,0 +1,636 @@
+"""Train, test, check (GDU) and use convergent RNNs with modern-Hopfield layers, by EP or BPTT.
+
+    python main.py --dataset IMDB --execute train --alg EP --thirdphase --save ...
+    python main.py --dataset SNLI --execute test --load-path saved_models/test_SNLI_25_300
+
+Flags follow the original tool's README; see README.md for the full table.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import pickle
+import random
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+import torch
+
+import model_utils as mu
+
+CHECKPOINT_FORMAT = "seqlearn-ep/1"
+LABELS = {"IMDB": ["negative", "positive"], "SNLI": ["neutral", "contradiction", "entailment"]}
+DATASET_DEFAULTS = {  # the paper's configurations (seed README)
+    "IMDB": {"fc_layers": [1000, 40, 2], "seqLen": 600, "lrs": [1e-4, 5e-5, 5e-5, 5e-5],
+             "T": 50, "K": 25, "betas": [0.0, 0.1], "batch_size": 100},
+    "SNLI": {"fc_layers": [400, 3], "seqLen": 25, "lrs": [5e-4] * 4 + [2e-4] * 2,
+             "T": 60, "K": 30, "betas": [0.0, 0.5], "batch_size": 200},
+}
+# Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
+HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
+         "seed", "tol", "dtype", "test_every"]
+
+
+class UsageError(Exception):
+    """A user mistake: one line on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser():
+    import data_utils
+    import gdu
+    p = argparse.ArgumentParser(
+        description="Sequence learning with Equilibrium Propagation (convergent RNN + modern Hopfield layers).")
+    a = p.add_argument
+    a("--dataset", choices=["IMDB", "SNLI"], help="dataset (default IMDB, or the loaded run's)")
+    a("--fc_layers", "--fc_layer", type=int, nargs="+", help="fully connected sizes, last = classes "
+      "(default IMDB: 1000 40 2, SNLI: 400 3)")
+    a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
+    a("--act", choices=sorted(mu.ACTIVATIONS), help="activation σ (default my_hard_sig)")
+    a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
+    a("--execute", choices=["train", "test", "gducheck", "predict"], default="train")
+    a("--alg", choices=["EP", "BPTT"], help="learning algorithm (default EP)")
+    a("--T", type=int, help="free-phase steps (default IMDB 50, SNLI 60)")
+    a("--K", type=int, help="nudged-phase steps (EP) / backpropagated steps (BPTT) (default T/2)")
+    a("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
+      help="β of the free and nudged phases (default IMDB 0 0.1, SNLI 0 0.5)")
+    a("--thirdphase", action="store_true", default=None,
+      help="three-phase EP: nudge with +β2 and −β2 (symmetric estimate)")
+    a("--lrs", type=float, nargs="+", help="one learning rate per synapse layer, projections first")
+    a("--lr-decay", dest="lr_decay", action="store_true", default=None,
+      help="cosine annealing of the learning rates (T_max 100 epochs, eta_min 1e-5)")
+    a("--epochs", type=int, help="training epochs (default 50)")
+    a("--batch_size", type=int, help="batch size (default IMDB 100, SNLI 200)")
+    a("--seed", type=int, help="random seed (default 0)")
+    a("--tol", type=float, help="stop a phase early when the largest relative state change "
+      "falls below this (default off: always T and K steps)")
+    a("--dtype", choices=["float32", "float64"], help="dtype of model and dynamics (default float32)")
+    a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
+    a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
+    a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
+    a("--results-dir", dest="results_dir",
+      help="run folder (default results/<dataset>/<date>/<time>_gpu<device>/)")
+    a("--overwrite", action="store_true", help="allow reusing a run folder that holds a run")
+    a("--test-every", dest="test_every", type=int,
+      help="evaluate on the test set every N epochs (default 1; 0 = only at the end)")
+    a("--check-thm", dest="check_thm", action="store_true",
+      help="run the GDU check on a few training samples after every epoch and log it")
+    a("--text", nargs="+", help="predict: texts to classify (IMDB)")
+    a("--premise", help="predict: SNLI premise")
+    a("--hypothesis", help="predict: SNLI hypothesis")
+    a("--input-file", dest="input_file",
+      help="predict: one text per line (SNLI: premise<TAB>hypothesis)")
+    data_utils.add_data_args(p)
+    gdu.add_gdu_args(p)
+    return p
+
+
+def resolve(args, saved=None):
+    """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
+    saved = saved or {}
+    args.lrs_given = args.lrs is not None
+    arch = saved.get("model", {})
+    if args.dataset is None:
+        args.dataset = arch.get("dataset", "IMDB")
+    elif arch and arch["dataset"] != args.dataset:
+        raise UsageError(f"--dataset {args.dataset} does not match the loaded model, "
+                         f"which was trained on {arch['dataset']}")
+    d = DATASET_DEFAULTS[args.dataset]
+    if arch:  # architecture always comes from the checkpoint
+        for flag, key in [("fc_layers", "fc_layers"), ("seqLen", "seq_len"), ("act", "act"),
+                          ("gamma", "gamma")]:
+            given = getattr(args, flag)
+            if given is not None and given != arch[key]:
+                raise UsageError(f"--{flag} {given} conflicts with the loaded model ({arch[key]}); "
+                                 f"drop the flag to use the stored architecture")
+            setattr(args, flag, arch[key])
+    hyper = saved.get("hyper", {})
+    fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
+                "tol": None, "dtype": "float32", "test_every": 1, "act": "my_hard_sig",
+                **{k: v for k, v in d.items() if k != "lrs"}}
+    for key in HYPER + ["fc_layers", "seqLen", "act"]:
+        if getattr(args, key, None) is None:
+            setattr(args, key, hyper.get(key, fallback.get(key)))
+    if args.K is None:
+        args.K = max(1, args.T // 2)
+    if args.lrs is None:
+        if args.fc_layers != d["fc_layers"]:
+            raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
+                             f"give {len(mu.PROJECTIONS[args.dataset]) + len(args.fc_layers)} "
+                             f"learning rates (projections first)")
+        args.lrs = d["lrs"]
+    args.betas = list(args.betas)
+    return args
+
+
+def validate(args):
+    """Clear one-line errors for every bad flag value (exit code 2)."""
+    n_proj = len(mu.PROJECTIONS[args.dataset])
+    checks = [
+        (args.seqLen is not None and args.seqLen <= 0, f"--seqLen must be positive, got {args.seqLen}"),
+        (any(h <= 0 for h in args.fc_layers), f"--fc_layers sizes must be positive, got {args.fc_layers}"),
+        (args.T <= 0, f"--T must be positive, got {args.T}"),
+        (args.K <= 0, f"--K must be positive, got {args.K}"),
+        (args.batch_size <= 0, f"--batch_size must be positive, got {args.batch_size}"),
+        (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
+        (args.alg == "BPTT" and args.K > args.T,
+         f"--K ({args.K}) cannot exceed --T ({args.T}) for BPTT: K steps are the last of the T free steps"),
+        (args.alg == "EP" and args.betas[1] == args.betas[0],
+         f"--betas {args.betas[0]} {args.betas[1]}: EP needs the nudging β2 to differ from β1 "
+         f"(its estimate divides by β2 − β1)"),
+        (args.thirdphase and args.alg == "EP" and args.betas[1] == 0,
+         "--betas: three-phase EP needs β2 ≠ 0"),
+        (len(args.lrs) != n_proj + len(args.fc_layers),
+         f"--lrs needs {n_proj + len(args.fc_layers)} learning rates for this architecture "
+         f"({n_proj} projection + {len(args.fc_layers)} fully connected layers), got {len(args.lrs)}"),
+        (any(lr <= 0 for lr in args.lrs), f"--lrs must be positive, got {args.lrs}"),
+        (args.gamma is not None and args.gamma <= 0, f"--gamma must be positive, got {args.gamma}"),
+        (args.tol is not None and args.tol <= 0, f"--tol must be positive, got {args.tol}"),
+        (args.test_every < 0, f"--test-every must be >= 0, got {args.test_every}"),
+    ]
+    for bad, msg in checks:
+        if bad:
+            raise UsageError(msg)
+
+
+def warn_memory(args, embed_dim, log):
+    """Estimate the first FC layer's size (weights + Adam + gradient) and warn when it won't fit."""
+    n_proj = len(mu.PROJECTIONS[args.dataset])
+    weights = n_proj * args.seqLen * embed_dim * args.fc_layers[0]
+    nbytes = weights * (8 if args.dtype == "float64" else 4) * 4
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if args.device_obj.type == "cuda":
+        total = torch.cuda.get_device_properties(args.device_obj).total_memory
+    if nbytes > 0.8 * total:
+        log(f"WARNING: the first FC layer ({weights / 1e6:.0f}M weights) needs about "
+            f"{nbytes / 2**30:.1f} GiB with its gradient and Adam state, more than this "
+            f"device's {total / 2**30:.1f} GiB: lower --seqLen or --fc_layers")
+
+
+def pick_device(index, log):
+    if torch.cuda.is_available():
+        index = 0 if index is None else index
+        if not 0 <= index < torch.cuda.device_count():
+            raise UsageError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) found")
+        return torch.device(f"cuda:{index}")
+    if index is not None:
+        log(f"notice: CUDA is not available, running on CPU (--device {index} ignored)")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- files
+def write_atomic(path, write):
+    """Write via a temp file in the same folder, fsync, rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_torch(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def find_checkpoint(load_path, prefer):
+    """A .pt file, or the first of `prefer` inside a run folder."""
+    if not os.path.exists(load_path):
+        raise UsageError(f"--load-path {load_path}: no such file or folder")
+    if os.path.isfile(load_path):
+        return load_path
+    for name in prefer:
+        path = os.path.join(load_path, name)
+        if os.path.isfile(path):
+            return path
+    raise UsageError(f"--load-path {load_path}: no checkpoint in it (looked for {', '.join(prefer)})")
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True; every failure is one clear UsageError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"refusing to load {path}: it holds Python objects that safe loading "
+                         f"(weights_only=True) does not allow, so it could run code ({first[:120]})")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UsageError(f"cannot read checkpoint {path}: the file is corrupted or truncated "
+                         f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise UsageError(f"{path} is not a checkpoint of this tool (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+def restore_model(ckpt, path):
+    model = mu.build_model(ckpt["config"]["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{path}: weights do not fit the stored architecture ({str(e).splitlines()[0][:160]})")
+    return model
+
+
+def default_run_dir(args):
+    now = datetime.datetime.now()
+    dev = args.device_obj.index if args.device_obj.type == "cuda" else "cpu"
+    return os.path.join("results", args.dataset, now.strftime("%Y-%m-%d"),
+                        now.strftime("%H-%M-%S") + f"_gpu{dev}")
+
+
+def prepare_run_dir(path, resuming, overwrite):
+    """Create the run folder; refuse to overwrite an earlier run silently."""
+    if os.path.exists(os.path.join(path, "checkpoint.pt")) and not (resuming or overwrite):
+        raise UsageError(f"{path} already holds a run: resume it with --load-path {path}, "
+                         f"choose another --results-dir, or pass --overwrite")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, delete=True)
+        probe.close()
+    except OSError as e:
+        raise UsageError(f"cannot write to the run folder {path}: {e.strerror}")
+    return path
+
+
+# ----------------------------------------------------------------------------- RNG
+def rng_state():
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                       "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    v, key, gauss = state["python"]
+    random.setstate((v, tuple(key), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data
+def load_data(args, log):
+    import data_utils
+    data = data_utils.load_data(args, log=log)
+    # Word vectors are kept at float16 precision so that every run folder can ship the
+    # exact vectors it was trained with (embeddings.npz) and be re-evaluated bit for bit.
+    data.embeddings = data.embeddings.half().float()
+    return data
+
+
+def run_embeddings(load_path):
+    folder = load_path if os.path.isdir(load_path) else os.path.dirname(load_path)
+    path = os.path.join(folder, "embeddings.npz")
+    return path if os.path.isfile(path) else None
+
+
+def hyper_of(args):
+    return {k: getattr(args, k) for k in HYPER}
+
+
+def make_config(args, model, data):
+    config = {"model": model.config(), "hyper": hyper_of(args), "data": data.info,
+              "command": command_line(), "torch": str(torch.__version__),
+              "created": datetime.datetime.now().isoformat(timespec="seconds")}
+    return json.loads(json.dumps(config, default=str))  # plain types only: safe to load
+
+
+def command_line():
+    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+
+
+# ----------------------------------------------------------------------------- train
+def plot_accuracy(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")]:
+        pts = [(i + 1, v) for i, v in enumerate(history[key]) if v is not None and not math.isnan(v)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def new_history():
+    return {"train_acc": [], "val_acc": [], "test_acc": [], "epoch_time_s": [], "samples_per_s": [],
+            "free_steps": [], "nudged_steps": [], "lr": [], "gdu": []}
+
+
+def train(args, log):
+    resuming = args.load_path is not None
+    ckpt = load_checkpoint(find_checkpoint(args.load_path, ["checkpoint.pt", "final_model.pt"])) \
+        if resuming else None
+    resolve(args, ckpt["config"] if ckpt else None)
+    validate(args)
+    data = load_data(args, log)
+    seed_everything(args.seed)
+    dtype = getattr(torch, args.dtype)
+    if ckpt:
+        model = restore_model(ckpt, args.load_path)
+    else:
+        model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma)
+        args.gamma = model.gamma
+    if model.D != data.embed_dim or model.n_classes != data.n_classes:
+        raise UsageError(f"the model expects {model.D}-d vectors and {model.n_classes} classes; the data "
+                         f"has {data.embed_dim}-d vectors and {data.n_classes} classes (check --embeddings)")
+    warn_memory(args, data.embed_dim, log)
+    model = model.to(args.device_obj, dtype)
+    optimizer = mu.make_optimizer(model, args.lrs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5) \
+        if args.lr_decay else None
+    history, start_epoch, best_val = new_history(), 0, -1.0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if args.lrs_given and list(args.lrs) != ckpt["config"]["hyper"]["lrs"]:
+            for group, lr in zip(optimizer.param_groups, args.lrs):  # explicit --lrs wins on resume
+                group["lr"] = group["initial_lr"] = lr
+        history.update(ckpt["history"])
+        start_epoch, best_val = ckpt["epoch"], ckpt["best_val"]
+        set_rng_state(ckpt["rng"])
+        log(f"resuming from {args.load_path} after epoch {start_epoch}")
+
+    run_dir = None
+    config = make_config(args, model, data)
+    if args.save:
+        resume_dir = args.load_path if resuming and os.path.isdir(args.load_path) else None
+        run_dir = args.results_dir or resume_dir or default_run_dir(args)
+        same = resume_dir is not None and os.path.abspath(run_dir) == os.path.abspath(resume_dir)
+        prepare_run_dir(run_dir, same, args.overwrite)
+        import data_utils
+        emb_path = os.path.join(run_dir, "embeddings.npz")
+        if not os.path.exists(emb_path):
+            data_utils.export_embeddings(data, emb_path)
+        with open(os.path.join(run_dir, "command.txt"), "a") as f:
+            f.write(command_line() + "\n")
+        save_json(config, os.path.join(run_dir, "config.json"))
+        log(f"run folder: {run_dir}")
+
+    hp = {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
+          "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol}
+    log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+        f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
+        f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}")
+
+    embeddings = data.embeddings.to(args.device_obj)
+    from tqdm import tqdm
+    epoch = start_epoch
+    try:
+        for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch,
+                          total=args.epochs, dynamic_ncols=True):
+            gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+            stats = mu.train_epoch(model, optimizer, data.train, embeddings, hp, gen,
+                                   desc=f"epoch {epoch + 1}")
+            lr = [g["lr"] for g in optimizer.param_groups]
+            if scheduler is not None:
+                scheduler.step()
+            val_acc = mu.evaluate(model, data.val, embeddings, args.T, args.batch_size, args.tol, "val")
+            last = epoch + 1 == args.epochs
+            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test") \
+                if (args.test_every and (epoch + 1) % args.test_every == 0) or last else None
+            for key, v in [("train_acc", stats["train_acc"]), ("val_acc", val_acc), ("test_acc", test_acc),
+                           ("epoch_time_s", stats["seconds"]),
+                           ("samples_per_s", stats["samples"] / stats["seconds"]),
+                           ("free_steps", stats["free_steps"]), ("nudged_steps", stats["nudged_steps"]),
+                           ("lr", lr)]:
+                history[key].append(v)
+            if args.check_thm:
+                history["gdu"].append(check_theorem(model, data.train, embeddings, args, epoch + 1, log))
+            tqdm.write(f"epoch {epoch + 1}/{args.epochs}: train acc {stats['train_acc']:.4f}  "
+                       f"val acc {val_acc:.4f}  test acc "
+                       f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
+                       f"{stats['seconds']:.1f}s  {stats['samples'] / stats['seconds']:.1f} samples/s"
+                       + (f"  steps {stats['free_steps']:.1f}+{stats['nudged_steps']:.1f}"
+                          if args.tol else ""))
+            improved = math.isnan(val_acc) or val_acc > best_val
+            best_val = val_acc if improved else best_val
+            if run_dir:
+                state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                         "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict() if scheduler else None,
+                         "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": rng_state()}
+                if improved:
+                    save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
+                save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
+                save_json(history_json(history), os.path.join(run_dir, "metrics.json"))
+                plot_accuracy(history, os.path.join(run_dir, "accuracy.png"))
+    except KeyboardInterrupt:
+        where = f"; the last complete epoch is saved in {run_dir}/checkpoint.pt" if run_dir else ""
+        log(f"interrupted during epoch {epoch + 1}{where}")
+        return 130
+    except mu.DivergenceError as e:
+        where = f"; the last good checkpoint is kept in {run_dir}" if run_dir else ""
+        log(f"error: training diverged in epoch {epoch + 1}: {e}{where}. Lower --lrs or --betas.")
+        return 3
+
+    if run_dir and args.epochs > 0:
+        final = model_only({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                            "epoch": args.epochs, "history": history, "best_val": best_val})
+        save_torch(final, os.path.join(run_dir, "final_model.pt"))
+        best = load_checkpoint(os.path.join(run_dir, "best_model.pt"))
+        model.load_state_dict(best["model"])
+        test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test")
+        metrics = history_json(history)
+        metrics.update({"test_accuracy": test_acc, "best_epoch": best["epoch"], "best_val_acc": best_val})
+        save_json(metrics, os.path.join(run_dir, "metrics.json"))
+        log(f"best model (epoch {best['epoch']}, val acc {best_val:.4f}): test accuracy {test_acc:.4f}")
+    elif history["test_acc"]:
+        log(f"final test accuracy {history['test_acc'][-1]:.4f}")
+    return 0
+
+
+def model_only(state):
+    keep = ["format", "model", "config", "epoch", "history", "best_val"]
+    return {k: state[k] for k in keep if k in state}
+
+
+def history_json(history):
+    return {k: v for k, v in history.items()}
+
+
+def check_theorem(model, split, embeddings, args, epoch, log):
+    """--check-thm: GDU metrics on a few training samples, logged and kept in the history."""
+    import gdu
+    n = min(args.gdu_samples, len(split))
+    x = mu.embed(embeddings, split.ids[:n].to(embeddings.device), next(model.parameters()).dtype)
+    metrics = gdu.gdu_metrics(gdu.gdu_check(model, x, split.labels[:n].to(embeddings.device),
+                                            args.T, args.K, args.betas[1], args.thirdphase,
+                                            getattr(torch, args.gdu_dtype)))
+    key = "rel_rmse_symmetric" if args.thirdphase else "rel_rmse_one_sided"
+    worst = max(metrics["layers"].items(), key=lambda kv: kv[1][key])
+    log(f"GDU check after epoch {epoch}: worst {key} {worst[1][key]:.3g} ({worst[0]})")
+    metrics["epoch"] = epoch
+    return metrics
+
+
+# ----------------------------------------------------------------------------- test / gducheck / predict
+def load_for_eval(args, log):
+    path = find_checkpoint(args.load_path, ["best_model.pt", "final_model.pt", "checkpoint.pt"])
+    ckpt = load_checkpoint(path)
+    resolve(args, ckpt["config"])
+    validate(args)
+    return ckpt, path
+
+
+def test(args, log):
+    if args.load_path is None:
+        raise UsageError("--execute test needs --load-path (a run folder or checkpoint file)")
+    ckpt, path = load_for_eval(args, log)
+    if args.embeddings == "auto" and run_embeddings(args.load_path):
+        args.embeddings = run_embeddings(args.load_path)
+    data = load_data(args, log)
+    model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
+    embeddings = data.embeddings.to(args.device_obj)
+    acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test")
+    log(f"test accuracy {acc:.4f} ({len(data.test)} samples, T={args.T}, {path})")
+    return 0
+
+
+def gducheck(args, log):
+    import gdu
+    if args.load_path:
+        ckpt, path = load_for_eval(args, log)
+        if args.embeddings == "auto" and run_embeddings(args.load_path):
+            args.embeddings = run_embeddings(args.load_path)
+    else:
+        ckpt = None
+        resolve(args)
+        validate(args)
+    data = load_data(args, log)
+    seed_everything(args.seed)
+    if ckpt:
+        model = restore_model(ckpt, path)
+    else:
+        model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma)
+    model = model.to(args.device_obj)
+    out_dir = args.results_dir or (args.load_path if args.load_path and os.path.isdir(args.load_path)
+                                   else default_run_dir(args))
+    os.makedirs(out_dir, exist_ok=True)
+    n = min(args.gdu_samples, len(data.test))
+    idx = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(args.seed))[:n]
+    x = mu.embed(data.embeddings.to(args.device_obj), data.test.ids[idx].to(args.device_obj), torch.float32)
+    gdu.run_gducheck(model, x, data.test.labels[idx].to(args.device_obj), args, out_dir, log=log)
+    log(f"GDU results in {out_dir}")
+    return 0
+
+
+def predict(args, log):
+    import data_utils
+    if args.load_path is None:
+        raise UsageError("--execute predict needs --load-path (a run folder with embeddings.npz)")
+    ckpt, path = load_for_eval(args, log)
+    emb_path = run_embeddings(args.load_path)
+    if emb_path is None:
+        raise UsageError(f"{args.load_path} has no embeddings.npz: predict needs the run's word vectors")
+    with np.load(emb_path, allow_pickle=False) as f:  # words + float16 vectors, row 0 = padding
+        vocab = ["<pad>"] + [str(w) for w in f["words"]]
+        vectors = torch.cat([torch.zeros(1, f["vectors"].shape[1]), torch.from_numpy(f["vectors"]).float()])
+    texts = read_predict_inputs(args)
+    if args.dataset == "SNLI":
+        ids = torch.stack([data_utils.encode_texts([p for p, _ in texts], vocab, "SNLI", args.seqLen),
+                           data_utils.encode_texts([h for _, h in texts], vocab, "SNLI", args.seqLen)], 1)
+    else:
+        ids = data_utils.encode_texts(texts, vocab, "IMDB", args.seqLen)
+    model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
+    out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol)
+    for text, o in zip(texts, out):
+        label = LABELS[args.dataset][int(o.argmax())]
+        shown = text if isinstance(text, str) else " ||| ".join(text)
+        print(f"{label}\t[{', '.join(f'{v:.3f}' for v in o.tolist())}]\t{shown[:80]}")
+    return 0
+
+
+def read_predict_inputs(args):
+    if args.input_file:
+        try:
+            with open(args.input_file, encoding="utf-8") as f:
+                lines = [l.rstrip("\n") for l in f if l.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --input-file {args.input_file}: {e}")
+        if args.dataset == "SNLI":
+            if any("\t" not in l for l in lines):
+                raise UsageError("--input-file for SNLI needs premise<TAB>hypothesis on every line")
+            return [tuple(l.split("\t", 1)) for l in lines]
+        return lines
+    if args.dataset == "SNLI":
+        if not (args.premise and args.hypothesis):
+            raise UsageError("SNLI predict needs --premise and --hypothesis (or --input-file)")
+        return [(args.premise, args.hypothesis)]
+    if not args.text:
+        raise UsageError("predict needs --text \"...\" or --input-file FILE")
+    return args.text
+
+
+# ----------------------------------------------------------------------------- entry
+def main(argv=None):
+    import data_utils
+    args = build_parser().parse_args(argv)
+
+    def log(msg):
+        from tqdm import tqdm
+        tqdm.write(str(msg))
+
+    try:
+        args.device_obj = pick_device(args.device, log)
+        run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict}[args.execute]
+        return run(args, log)
+    except (UsageError, data_utils.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except mu.DivergenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    sys.exit(main())

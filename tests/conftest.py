@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny IMDB-layout dataset and word vectors written by the tests."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+POS = ["good", "great", "excellent", "wonderful"]
+NEG = ["bad", "awful", "terrible", "boring"]
+FILLER = ["the", "movie", "film", "was", "plot", "actor", "story", "and", "a", "it"]
+
+
+def write_tiny_imdb(root, n_per_class=80, seed=0):
+    """aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt with sentiment words among filler."""
+    rng = random.Random(seed)
+    for split in ("train", "test"):
+        for label, words, rating in (("pos", POS, 9), ("neg", NEG, 2)):
+            folder = root / "aclImdb" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                toks = [rng.choice(FILLER) for _ in range(6)] + [rng.choice(words) for _ in range(2)]
+                rng.shuffle(toks)
+                (folder / f"{i}_{rating}.txt").write_text(" ".join(toks).capitalize() + ". <br />")
+    return root
+
+
+def write_vectors(path, words, dim=6, seed=0, header=True):
+    rng = random.Random(seed)
+    lines = [f"{len(words)} {dim}"] if header else []
+    for w in words:
+        lines.append(w + " " + " ".join(f"{rng.gauss(0, 1):.5f}" for _ in range(dim)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_imdb(tmp_path):
+    data = write_tiny_imdb(tmp_path / "data")
+    vec = write_vectors(tmp_path / "vectors.txt", POS + NEG + FILLER)
+    return {"data": data, "vectors": vec, "cache": tmp_path / "cache", "tmp": tmp_path}

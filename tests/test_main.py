@@ -1,0 +1,191 @@
+"""The command line end to end on tiny data: train, save, test, resume, and every user mistake."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT
+
+
+def base_args(f, *extra):
+    return ["--dataset", "IMDB", "--data-dir", str(f["data"]), "--embeddings", str(f["vectors"]),
+            "--cache-dir", str(f["cache"]), "--seqLen", "8", "--fc_layers", "16", "2",
+            "--lrs", "0.03", "0.03", "0.03", "--T", "12", "--K", "6", "--betas", "0", "0.5",
+            "--thirdphase", "--batch_size", "10", "--val-split", "0.2", "--seed", "1", *extra]
+
+
+def run_cli(args, timeout=240):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_train_save_then_test_reproduces_recorded_accuracy(tiny_imdb, capsys):
+    run = tiny_imdb["tmp"] / "run"
+    assert main.main(base_args(tiny_imdb, "--epochs", "5", "--save", "--results-dir", str(run))) == 0
+    for name in ["command.txt", "config.json", "checkpoint.pt", "best_model.pt", "final_model.pt",
+                 "metrics.json", "accuracy.png", "embeddings.npz"]:
+        assert (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ["train_acc", "val_acc", "test_acc", "epoch_time_s", "samples_per_s"]:
+        assert len(metrics[key]) == 5
+    assert metrics["test_accuracy"] > 0.75  # sentiment words are easy to pick up
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["fc_layers"] == [16, 2] and config["hyper"]["thirdphase"] is True
+    assert "main.py" in (run / "command.txt").read_text()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 5 and set(ckpt) >= {"optimizer", "rng", "history", "config"}
+    capsys.readouterr()
+    # the architecture comes from the checkpoint: no architecture flags needed
+    assert main.main(["--execute", "test", "--load-path", str(run), "--data-dir", str(tiny_imdb["data"]),
+                      "--cache-dir", str(tiny_imdb["cache"])]) == 0
+    out = capsys.readouterr().out
+    assert f"test accuracy {metrics['test_accuracy']:.4f}" in out
+
+
+def test_resume_after_epoch_one_equals_uninterrupted_run(tiny_imdb):
+    full, part = tiny_imdb["tmp"] / "full", tiny_imdb["tmp"] / "part"
+    common = base_args(tiny_imdb, "--save", "--lr-decay")
+    assert main.main(common + ["--epochs", "2", "--results-dir", str(full)]) == 0
+    assert main.main(common + ["--epochs", "1", "--results-dir", str(part)]) == 0
+    assert main.main(common + ["--epochs", "2", "--load-path", str(part)]) == 0
+    a, b = weights(full / "final_model.pt"), weights(part / "final_model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = json.loads((full / "metrics.json").read_text())
+    mb = json.loads((part / "metrics.json").read_text())
+    assert ma["train_acc"] == mb["train_acc"] and ma["test_accuracy"] == mb["test_accuracy"]
+
+
+def test_bptt_trains_through_the_cli(tiny_imdb, capsys):
+    assert main.main(base_args(tiny_imdb, "--alg", "BPTT", "--epochs", "2")) == 0
+    assert "final test accuracy" in capsys.readouterr().out
+
+
+def test_predict_prints_label_and_outputs(tiny_imdb, capsys):
+    run = tiny_imdb["tmp"] / "run"
+    assert main.main(base_args(tiny_imdb, "--epochs", "3", "--save", "--results-dir", str(run))) == 0
+    capsys.readouterr()
+    assert main.main(["--execute", "predict", "--load-path", str(run), "--text",
+                      "great wonderful excellent movie", "awful terrible boring bad plot"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("positive\t[") and lines[1].startswith("negative\t[")
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_imdb, capsys):
+    run = tiny_imdb["tmp"] / "run"
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(run))) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(run))) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(run),
+                               "--overwrite")) == 0
+
+
+class Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_truncated_and_foreign_checkpoints_are_refused(tiny_imdb, capsys):
+    tmp = tiny_imdb["tmp"]
+    marker = tmp / "pwned"
+    evil = tmp / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"format": main.CHECKPOINT_FORMAT, "model": Evil(str(marker))}, f)
+    torch.save({"format": main.CHECKPOINT_FORMAT, "model": Evil(str(marker))}, tmp / "evil2.pt")
+    run = tmp / "run"
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(run))) == 0
+    good = (run / "best_model.pt").read_bytes()
+    (tmp / "trunc.pt").write_bytes(good[: len(good) // 2])
+    torch.save({"weights": torch.zeros(3)}, tmp / "foreign.pt")
+    capsys.readouterr()
+    cases = {"evil.pt": "refusing", "evil2.pt": "refusing", "trunc.pt": "corrupted or truncated",
+             "foreign.pt": "not a checkpoint of this tool", "missing": "no such file"}
+    for name, msg in cases.items():
+        code = main.main(["--execute", "test", "--load-path", str(tmp / name),
+                          "--data-dir", str(tiny_imdb["data"])])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and msg in err and len(err.splitlines()) == 1, (name, err)
+    assert not marker.exists()
+    code = main.main(["--execute", "test", "--load-path", str(run), "--dataset", "SNLI"])
+    assert code == 2 and "does not match" in capsys.readouterr().err
+
+
+BAD_ARGS = [
+    (["--lrs", "0.1", "0.1"], "needs 3 learning rates"),
+    (["--act", "relu6"], "invalid choice"),
+    (["--dataset", "MNIST"], "invalid choice"),
+    (["--alg", "BPTT", "--K", "20"], "cannot exceed --T"),
+    (["--seqLen", "0"], "--seqLen must be positive"),
+    (["--fc_layers", "0", "2"], "--fc_layers sizes must be positive"),
+    (["--T", "-1"], "--T must be positive"),
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--betas", "0", "0"], "β2 to differ"),
+    (["--embeddings", "/nonexistent/vectors.bin"], "/nonexistent/vectors.bin"),
+]
+
+
+@pytest.mark.parametrize("extra,msg", BAD_ARGS, ids=[m for _, m in BAD_ARGS])
+def test_bad_arguments_exit_2_with_one_line(tiny_imdb, extra, msg):
+    argv = base_args(tiny_imdb, "--epochs", "1")
+    # later flags override earlier ones in argparse, so appending replaces the good value
+    res = run_cli(argv + extra)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    err = [l for l in res.stderr.strip().splitlines() if l.startswith("error") or "error:" in l]
+    assert err and msg in res.stderr, res.stderr
+
+
+def test_unwritable_results_dir_is_a_clear_error(tiny_imdb, capsys):
+    blocker = tiny_imdb["tmp"] / "file"
+    blocker.write_text("x")
+    code = main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(blocker / "run")))
+    assert code == 2 and "cannot write to the run folder" in capsys.readouterr().err
+
+
+def test_divergence_guard_names_the_phase_and_keeps_last_checkpoint(tiny_imdb, capsys):
+    run = tiny_imdb["tmp"] / "run"
+    args = base_args(tiny_imdb, "--save", "--results-dir", str(run), "--act", "tanh")
+    assert main.main(args + ["--epochs", "1"]) == 0
+    good = (run / "checkpoint.pt").read_bytes()
+    code = main.main(args + ["--epochs", "3", "--load-path", str(run), "--lrs", "1e38", "1e38", "1e38"])
+    out = capsys.readouterr()
+    assert code == 3 and "diverged" in out.out + out.err and "non-finite" in out.out + out.err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert (run / "checkpoint.pt").read_bytes() == good or ckpt["epoch"] >= 1
+
+
+def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_imdb):
+    full, killed = tiny_imdb["tmp"] / "full", tiny_imdb["tmp"] / "killed"
+    common = base_args(tiny_imdb, "--save", "--epochs", "4", "--test-every", "0")
+    assert run_cli(common + ["--results-dir", str(full)]).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *common, "--results-dir", str(killed)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside a later epoch, or between epochs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)  # intact and loadable
+    assert 1 <= ckpt["epoch"] <= 4
+    assert run_cli(common + ["--load-path", str(killed)]).returncode == 0
+    a, b = weights(full / "final_model.pt"), weights(killed / "final_model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
