@@ -411,7 +411,8 @@ def _aclimdb_dir_source(root: Path):
 def _aclimdb_tar_source(path: Path):
     def read(builder, log):
         found = defaultdict(int)
-        with _reading(path, 'archive'), tarfile.open(path, 'r|gz') as tar, \
+        # gzip.GzipFile (not tarfile's own stream) raises EOFError on a truncated download
+        with _reading(path, 'archive'), gzip.open(path, 'rb') as gz, tarfile.open(fileobj=gz, mode='r|') as tar, \
                 _progress(desc='IMDB read+tokenize', unit='review') as bar:
             for member in tar:
                 m = _IMDB_MEMBER.match(member.name)
@@ -426,6 +427,8 @@ def _aclimdb_tar_source(path: Path):
                             IMDB_LABELS.get(label, -1), (_imdb_text(raw, origin),))
                 found[(split, label)] += 1
                 bar.update()
+            while gz.read(1 << 20):                   # to the end: checks the gzip CRC and length
+                pass
         missing = [f'{s}/{lab}' for s, lab in _IMDB_PARTS[:4] if not found[(s, lab)]]
         if missing:
             raise DataError(f'archive {path} is not the aclImdb layout: no reviews under '
