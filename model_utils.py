@@ -59,14 +59,18 @@ def _onednn_linear_works():
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_works()
 
 
-def linear(x, w, b=None):
-    """x·wᵀ + b without autograd on the dynamics' hot path. On CPU in float32/bfloat16 this is
-    oneDNN's kernel: it uses AVX-512 on every x86 CPU, where MKL (behind torch.matmul) may fall
-    back to AVX2 (about 2x slower on AMD). Float32 in, float32 accumulation, float32 out."""
+def linear(x, w, b=None, add=None):
+    """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU in float32/bfloat16 without
+    autograd this is oneDNN's kernel: it uses AVX-512 on every x86 CPU, where MKL (behind
+    torch.matmul) may fall back to AVX2 (about 2x slower on AMD). Same dtype in, accumulation
+    and out as F.linear."""
     if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and w.dtype == x.dtype and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
+        if add is None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+    out = F.linear(x, w, b)
+    return out if add is None else out + add
 
 
 class DivergenceError(RuntimeError):
@@ -160,7 +164,8 @@ class EPNet(nn.Module):
     def grad_states(self, s, drive, beta=0.0, y=None, p=None):
         """Closed-form ∂Φ/∂s_k for every layer (SPEC §1, 'one step of the dynamics')."""
         _, W, b = self._split(p)
-        g = [drive + linear(s[1], W[0].t()).view_as(s[0])]  # bottom-up + top-down feedback
+        B = drive.shape[0]  # bottom-up drive + top-down feedback:
+        g = [linear(s[1], W[0].t(), add=drive.view(B, -1)).view_as(s[0])]
         for k in range(1, len(s)):
             gk = linear(s[k - 1].flatten(1), W[k - 1], b[k - 1])
             if k < len(s) - 1:
@@ -186,15 +191,20 @@ class EPNet(nn.Module):
             g = torch.autograd.grad(self.phi(x, s, beta, y).sum(), s)
         return [t.detach() for t in self.update(list(g), keys)]
 
-    def hebbian(self, x, s):
-        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (SPEC §2.5)."""
+    def hebbian(self, x, s, s_ref=None):
+        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (SPEC §2.5).
+        With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), one matrix product per layer."""
         B = s[0].shape[0]
         xs = self.inputs(x)
-        out = [torch.einsum("bld,ble->de", s[0][:, j], xs[q]) / B
+        diff = s if s_ref is None else [a - b for a, b in zip(s, s_ref)]  # for the linear terms
+        out = [torch.einsum("bld,ble->de", diff[0][:, j], xs[q]) / B
                for j, (q, _) in enumerate(self.pairs)]
         for k in range(len(self.fc)):
-            out.append(s[k + 1].t() @ s[k].flatten(1) / B)
-            out.append(s[k + 1].mean(0))
+            post, pre = s[k + 1], s[k].flatten(1)
+            if s_ref is not None:  # Σ post·preᵀ − Σ post_ref·pre_refᵀ over a doubled batch
+                post, pre = torch.cat([post, s_ref[k + 1]]), torch.cat([pre, -s_ref[k].flatten(1)])
+            out.append(linear(post.t() / B, pre.t()))  # s_{k+1} s_kᵀ
+            out.append(diff[k + 1].mean(0))
         return out
 
 
@@ -269,9 +279,9 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, dynamics_d
         check_finite(s_neg, "nudged (-beta)")
         nudged_s = clock()
         scale = 2 * beta2 if thirdphase else beta2 - beta1
-        h_a, h_b = (model.hebbian(x, [t.to(x.dtype) for t in s]) for s in (s_pos, s_neg))
-        for prm, a, b in zip(model.params(), h_a, h_b):
-            prm.grad = -(a - b) / scale
+        s_pos, s_neg = ([t.to(x.dtype) for t in s] for s in (s_pos, s_neg))
+        for prm, h in zip(model.params(), model.hebbian(x, s_pos, s_neg)):
+            prm.grad = h.div_(-scale)
     return s0[-1].to(x.dtype), {"free_steps": n_free, "nudged_steps": n_pos + n_neg,
                                 "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
 
@@ -325,7 +335,9 @@ def make_optimizer(model, lrs):
         raise ValueError(f"--lrs needs {len(groups)} learning rates for this architecture "
                          f"({model.P} projection + {len(model.fc)} fully connected layers), "
                          f"got {len(lrs)}")
-    return torch.optim.Adam([{"params": g, "lr": lr} for g, lr in zip(groups, lrs)], eps=1e-8)
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())  # one kernel per tensor
+    return torch.optim.Adam([{"params": g, "lr": lr} for g, lr in zip(groups, lrs)], eps=1e-8,
+                            fused=fused or None)
 
 
 def embed(embeddings, ids, dtype):
