@@ -36,6 +36,10 @@ def write_vectors(path, words, dim=6, seed=0, header=True):
     return path
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long real-data tests (run with SEQLEARN_EP_SLOW=1)")
+
+
 @pytest.fixture
 def tiny_imdb(tmp_path):
     data = write_tiny_imdb(tmp_path / "data")
