@@ -609,6 +609,8 @@ def read_predict_inputs(args):
 
 # ----------------------------------------------------------------------------- entry
 def main(argv=None):
+    if not sys.stderr.isatty():  # logs to a file: progress bars update every 30 s, not every step
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     import data_utils
     args = build_parser().parse_args(argv)
 
