@@ -59,13 +59,18 @@ def _onednn_linear_works():
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_works()
 
 
+def _plain(t):  # a layout oneDNN takes: 2-D, row- or column-major
+    return t.dim() == 2 and (t.is_contiguous() or t.t().is_contiguous())
+
+
 def linear(x, w, b=None, add=None):
     """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU in float32/bfloat16 without
     autograd this is oneDNN's kernel: it uses AVX-512 on every x86 CPU, where MKL (behind
     torch.matmul) may fall back to AVX2 (about 2x slower on AMD). Same dtype in, accumulation
     and out as F.linear."""
     if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and w.dtype == x.dtype and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            and w.dtype == x.dtype and _plain(x) and _plain(w)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         if add is None:
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
@@ -250,40 +255,42 @@ def check_finite(s, phase):
             raise DivergenceError(f"non-finite values in {name} after the {phase} phase")
 
 
-def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, dynamics_dtype=None,
+def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype=None,
                  reference=False):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
     of the loss gradient (SPEC §2). Returns (free-phase output [B, C], info dict with the
     steps used and the seconds spent in each phase).
-    dynamics_dtype: run the phases in this dtype (torch.bfloat16: CPUs with avx512_bf16, CUDA)
-    on copies of the weights; the Hebbian estimate is accumulated in the model's dtype.
+    free_dtype: run the free phase in this dtype on copies of the weights (torch.bfloat16:
+    CPUs with avx512_bf16, CUDA); the nudged phases and the Hebbian estimate stay in the
+    model's dtype (bf16 states would drown the small nudges of the lower layers).
     reference: take the autograd-of-Φ steps of the original implementation (slow)."""
     beta1, beta2 = betas
-    clock = Clock(x.device)
+    clock, ref = Clock(x.device), x if reference else None
     with torch.no_grad():
-        dt = dynamics_dtype or x.dtype
-        p = None if dt == x.dtype else [w.to(dt) for w in model.params()]
-        if reference and p is not None:
+        drive, keys = model.precompute(x)
+        init = model.init_states(x.shape[0], x.device, x.dtype)
+        if free_dtype in (None, x.dtype):
+            s0, n_free = relax(model, init, drive, keys, T, beta1, y, tol, x=ref)
+        elif reference:
             raise ValueError("the reference dynamics run in the model's dtype only")
-        drive, keys = model.precompute(x.to(dt), p)
-
-        def run(s, steps, beta):
-            return relax(model, s, drive, keys, steps, beta, y, tol, p, x if reference else None)
-
-        s0, n_free = run(model.init_states(x.shape[0], x.device, dt), T, beta1)
+        else:
+            p = [w.to(free_dtype) for w in model.params()]
+            s0, n_free = relax(model, [t.to(free_dtype) for t in init], drive.to(free_dtype),
+                               keys.to(free_dtype), T, beta1, y, tol, p)
+            s0 = [t.to(x.dtype) for t in s0]
         check_finite(s0, "free")
         free_s = clock()
-        s_pos, n_pos = run(s0, K, beta2)
+        s_pos, n_pos = relax(model, s0, drive, keys, K, beta2, y, tol, x=ref)
         check_finite(s_pos, "nudged (+beta)")
-        s_neg, n_neg = run(s0, K, -beta2) if thirdphase else (s0, 0)
+        s_neg, n_neg = relax(model, s0, drive, keys, K, -beta2, y, tol, x=ref) if thirdphase \
+            else (s0, 0)
         check_finite(s_neg, "nudged (-beta)")
         nudged_s = clock()
         scale = 2 * beta2 if thirdphase else beta2 - beta1
-        s_pos, s_neg = ([t.to(x.dtype) for t in s] for s in (s_pos, s_neg))
         for prm, h in zip(model.params(), model.hebbian(x, s_pos, s_neg)):
             prm.grad = h.div_(-scale)
-    return s0[-1].to(x.dtype), {"free_steps": n_free, "nudged_steps": n_pos + n_neg,
-                                "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
+    return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg,
+                    "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
 
 
 class Clock:
@@ -353,7 +360,7 @@ def batches(n, batch_size, generator=None):
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol, optionally dynamics_dtype (see ep_gradients). Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
+    batch_size, tol, optionally free_dtype (see ep_gradients; also used by evaluate). Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     model.train()
     correct = seen = free = nudged = nb = 0
@@ -365,7 +372,7 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
         y = split.labels[idx].to(device)
         if hp["alg"] == "EP":
             out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                     hp["thirdphase"], hp.get("tol"), hp.get("dynamics_dtype"))
+                                     hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"))
         else:
             out, info = bptt_gradients(model, x, y, hp["T"], hp["K"])
         if hook is not None:
@@ -382,27 +389,27 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
 
 
 @torch.no_grad()
-def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None,
-                    dynamics_dtype=None):
-    """Output layer after T free steps (β = 0) for every sample: [N, C]."""
+def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, free_dtype=None):
+    """Output layer after T free steps (β = 0) for every sample: [N, C]. free_dtype: run the
+    steps in this dtype (e.g. torch.bfloat16) on copies of the weights."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
-    dt = dynamics_dtype or dtype
+    dt = free_dtype or dtype
     p = None if dt == dtype else [w.to(dt) for w in model.params()]
     model.eval()
     outs = []
     chunks = batches(len(ids), batch_size)
     for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
-        x = embed(embeddings, ids[idx].to(device), dt)
-        drive, keys = model.precompute(x, p)
-        s, _ = relax(model, model.init_states(len(idx), device, dt), drive, keys, T, tol=tol, p=p)
+        drive, keys = model.precompute(embed(embeddings, ids[idx].to(device), dtype))
+        s, _ = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
+                     tol=tol, p=p)
         check_finite(s, "evaluation free")
         outs.append(s[-1].to(dtype).cpu())
     return torch.cat(outs) if outs else torch.zeros(0, model.n_classes)
 
 
-def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", dynamics_dtype=None):
+def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None):
     """Accuracy: argmax of the output after T free steps with β = 0."""
     if len(split) == 0:
         return float("nan")
-    out = predict_outputs(model, split.ids, embeddings, T, batch_size, tol, desc, dynamics_dtype)
+    out = predict_outputs(model, split.ids, embeddings, T, batch_size, tol, desc, free_dtype)
     return (out.argmax(1) == split.labels).float().mean().item()

@@ -1,0 +1,298 @@
+"""Speed of EP (or BPTT) training steps on random inputs of a given shape, without data.
+
+    python benchmark.py --dataset IMDB --seqLen 100 --embed-dim 300 --fc_layers 1000 40 2 \\
+        --T 50 --K 25 --batch_size 100 --thirdphase --roofline
+    python benchmark.py --dataset SNLI --seqLen 25 --fc_layers 400 3 --T 60 --K 30 \\
+        --batch_size 200 --thirdphase --compare --roofline
+
+Prints ONE JSON line. Times are the best of `--batches` timed batches after one warm-up
+(the machines are shared, so the best batch is the least disturbed one); the median is there
+too. `--reference` times the original implementation's cost instead of the fast path: Φ
+recomputed and differentiated with autograd at every step. `--compare` times both,
+alternating batch by batch, and adds `reference` and `speedup_vs_reference`. `--roofline`
+also times `torch.matmul` on the shapes one step multiplies (each FC layer forward
+[B, n_in]x[n_in, n_out], its transpose feedback [B, n_out]x[n_out, n_in], and the two
+attention bmm), between the batches, and reports the useful matmul GFLOP/s of the training
+step against it (`roofline_fraction`); `kernel_roofline_*` is the same with the kernel the
+fast path calls (model_utils.linear: oneDNN on CPU).
+Bad flags or values: one line on stderr, exit code 2.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+
+import torch
+
+import model_utils as mu
+
+DEFAULTS = {  # the issue's benchmark configurations
+    "IMDB": {"seqLen": 100, "fc_layers": [1000, 40, 2], "T": 50, "K": 25, "batch_size": 100,
+             "betas": [0.0, 0.1]},
+    "SNLI": {"seqLen": 25, "fc_layers": [400, 3], "T": 60, "K": 30, "batch_size": 200,
+             "betas": [0.0, 0.5]},
+}
+CLASSES = {"IMDB": 2, "SNLI": 3}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"benchmark.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = Parser(description="Time EP/BPTT training steps on random inputs (see module docstring).")
+    a = p.add_argument
+    a("--dataset", choices=sorted(DEFAULTS), default="IMDB")
+    a("--seqLen", type=positive(int), help="tokens per sequence (IMDB 100, SNLI 25)")
+    a("--embed-dim", type=positive(int), default=300, help="word-vector size D")
+    a("--fc_layers", type=positive(int), nargs="+", help="FC sizes, the last = classes")
+    a("--T", type=positive(int), help="free-phase steps")
+    a("--K", type=positive(int), help="nudged-phase steps")
+    a("--betas", type=float, nargs=2, metavar=("B1", "B2"))
+    a("--thirdphase", action="store_true", help="3-phase EP (+beta and -beta)")
+    a("--alg", choices=["EP", "BPTT"], default="EP")
+    a("--batch_size", type=positive(int))
+    a("--act", choices=sorted(mu.ACTIVATIONS), default="my_hard_sig")
+    a("--device", default="cpu", help="N for cuda:N (CPU when CUDA is absent), or cpu")
+    a("--batches", type=positive(int), default=3, help="timed batches after one warm-up")
+    a("--reference", action="store_true", help="time the autograd-per-step reference dynamics")
+    a("--compare", action="store_true", help="time fast path and reference, alternating")
+    a("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
+    a("--bf16", action="store_true",
+      help="bfloat16 free phase (nudged phases and Hebbian in float32); reports gradient fidelity")
+    a("--tol", type=positive(float), help="early stopping tolerance of each phase")
+    a("--roofline", action="store_true", help="also time torch.matmul of the step's shapes")
+    a("--threads", type=positive(int), help="torch threads (default: torch's choice)")
+    a("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.fc_layers[-1] != CLASSES[args.dataset]:
+        p.error(f"--fc_layers must end with {CLASSES[args.dataset]} classes for {args.dataset}, "
+                f"got {args.fc_layers[-1]}")
+    if args.alg == "BPTT" and args.K > args.T:
+        p.error(f"BPTT needs K <= T, got K={args.K} > T={args.T}")
+    if args.alg == "EP" and args.betas[1] == (-args.betas[1] if args.thirdphase else args.betas[0]):
+        p.error("--betas: the nudged beta must differ from the free one (and be non-zero with --thirdphase)")
+    if (args.reference or args.compare) and (args.bf16 or args.alg == "BPTT"):
+        p.error("--reference/--compare time the float EP dynamics: drop --bf16 and --alg BPTT")
+    if args.bf16 and (args.alg == "BPTT" or args.dtype != "float32"):
+        p.error("--bf16 applies to EP with a float32 model")
+    return args
+
+
+def pick_device(spec):
+    if spec == "cpu":
+        return torch.device("cpu")
+    try:
+        index = int(spec.split(":")[-1])
+    except ValueError:
+        print(f"benchmark.py: error: --device: expected N, cuda:N or cpu, got {spec!r}", file=sys.stderr)
+        sys.exit(2)
+    if torch.cuda.is_available():
+        return torch.device("cuda", index)
+    print(f"benchmark.py: CUDA is not available, running on CPU instead of cuda:{index}",
+          file=sys.stderr)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- work counts
+def fc_shapes(model):
+    sizes = [model.P * model.L * model.D] + model.fc_layers
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def step_flops(model, B):
+    """Useful matmul FLOPs of one synchronous step: every FC forward, the feedback of all but
+    the output layer, and the Hopfield retrieval (logits and weighted sum)."""
+    fc = fc_shapes(model)
+    forward = sum(2 * B * i * o for i, o in fc)
+    feedback = sum(2 * B * i * o for i, o in fc[:-1])
+    attention = 2 * (2 * B * model.P * model.L * model.L * model.D)
+    return forward + feedback + attention
+
+
+def hebbian_flops(model, B):
+    return 2 * B * model.P * model.L * model.D ** 2 + sum(2 * B * i * o for i, o in fc_shapes(model))
+
+
+def batch_flops(model, args, info):
+    B = args.batch_size
+    if args.alg == "BPTT":  # forward of T steps, backward of K (about twice a forward)
+        return (args.T + 2 * args.K) * step_flops(model, B)
+    steps = info["free_steps"] + info["nudged_steps"]
+    return steps * step_flops(model, B) + hebbian_flops(model, B) * 3  # drive + 2 Hebbian
+
+
+# ----------------------------------------------------------------------------- timing
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def random_batch(model, args, device, dtype, gen):
+    B, L, D = args.batch_size, model.L, model.D
+    shape = (B, L, D) if model.P == 1 else (B, 2, L, D)
+    x = 0.15 * torch.randn(shape, generator=gen, dtype=dtype)  # word2vec-like scale
+    y = torch.randint(0, model.n_classes, (B,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def train_step(model, opt, x, y, args, reference):
+    """One training step as train_epoch does it; returns the per-phase seconds and steps."""
+    clock = mu.Clock(x.device)
+    if args.alg == "EP":
+        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
+                                  args.tol, torch.bfloat16 if args.bf16 else None, reference)
+    else:
+        _, info = mu.bptt_gradients(model, x, y, args.T, args.K)
+    opt.step()
+    total = clock()
+    return dict(info, total_s=total, update_s=total - info["free_s"] - info["nudged_s"])
+
+
+def best_time(fn, device, reps=3):
+    clock, best = mu.Clock(device), float("inf")
+    fn()
+    clock()
+    for _ in range(reps):
+        fn()
+        best = min(best, clock())
+    return best
+
+
+def roofline_ops(model, B, device, dtype, kernel):
+    """Matmuls of one step's shapes: torch.matmul, or (kernel) the fast path's `linear`."""
+    mm = mu.linear if kernel else (lambda a, w: torch.matmul(a, w.t()))
+    rand = lambda *shape: torch.rand(*shape, device=device, dtype=dtype)  # noqa: E731
+    ops, shapes = [], fc_shapes(model)
+    for k, ((n_in, n_out), layer) in enumerate(zip(shapes, model.fc)):
+        w, s_in, s_out = layer.weight.detach().to(dtype), rand(B, n_in), rand(B, n_out)
+        ops.append(lambda s_in=s_in, w=w: mm(s_in, w))  # forward
+        if k < len(shapes) - 1:  # feedback, for all but the output layer
+            ops.append(lambda s_out=s_out, w=w: mm(s_out, w.t()))
+    q, a = rand(B, model.P, model.L, model.D), rand(B, model.P, model.L, model.L)
+    ops += [lambda: torch.matmul(q, q.transpose(-1, -2)), lambda: torch.matmul(a, q)]
+    return ops
+
+
+class Roofline:
+    """Best time of each matmul of a step, over several sweeps interleaved with the batches."""
+
+    def __init__(self, model, args, device, dtype):
+        self.flops, self.device = step_flops(model, args.batch_size), device
+        self.ops = {kind: roofline_ops(model, args.batch_size, device, dtype, kind == "kernel")
+                    for kind in ("matmul", "kernel")}
+        self.best = {kind: [float("inf")] * len(ops) for kind, ops in self.ops.items()}
+
+    def sweep(self):
+        with torch.no_grad():
+            for kind, ops in self.ops.items():
+                self.best[kind] = [min(b, best_time(op, self.device)) for b, op in zip(self.best[kind], ops)]
+
+    def gflops(self, kind):
+        return self.flops / sum(self.best[kind]) / 1e9
+
+
+def summarize(model, args, runs):
+    best = min(runs, key=lambda r: r["total_s"])
+    gflops = batch_flops(model, args, best) / best["total_s"] / 1e9
+    return {"samples_per_s": args.batch_size / best["total_s"],
+            "seconds_per_batch": best["total_s"],
+            "median_seconds_per_batch": statistics.median(r["total_s"] for r in runs),
+            "free_s": best["free_s"], "nudged_s": best["nudged_s"], "update_s": best["update_s"],
+            "free_steps": statistics.mean(r["free_steps"] for r in runs),
+            "nudged_steps": statistics.mean(r["nudged_steps"] for r in runs),
+            "gflops": gflops}
+
+
+def bf16_fidelity(model, args, device, dtype, gen):
+    """‖g_bf16 − g_fp32‖ / ‖g_fp32‖ of the EP estimate, per parameter, on one batch."""
+    x, y = random_batch(model, args, device, dtype, gen)
+    grads = []
+    for free_dtype in (None, torch.bfloat16):
+        mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase, args.tol, free_dtype)
+        grads.append([p.grad.clone() for p in model.params()])
+    return {name: ((a - b).norm() / b.norm()).item()
+            for name, a, b in zip(model.param_names(), grads[1], grads[0])}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    model = mu.EPNet(args.dataset, args.seqLen, args.embed_dim, args.fc_layers, args.act).to(device, dtype)
+    opt = mu.make_optimizer(model, [1e-5] * model.n_synapse_layers)
+    gen = torch.Generator().manual_seed(args.seed)
+    modes = [False, True] if args.compare else [args.reference]
+    roof = Roofline(model, args, device, dtype) if args.roofline else None
+    base = rss_mb() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2 ** 20
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load = os.getloadavg()[0]
+    runs = {mode: [] for mode in modes}
+    for i in range(args.batches + 1):  # batch 0 warms up
+        for mode in modes:
+            x, y = random_batch(model, args, device, dtype, gen)
+            run = train_step(model, opt, x, y, args, mode)
+            if i > 0:
+                runs[mode].append(run)
+        if roof is not None:
+            roof.sweep()
+    out = summarize(model, args, runs[modes[0]])
+    out.update({"peak_mem_mb": peak_mb(device), "base_mem_mb": base,
+                "dtype": "bfloat16 free phase" if args.bf16 else args.dtype, "device": str(device),
+                "threads": torch.get_num_threads(), "alg": args.alg,
+                "dynamics": "reference" if args.reference else "fast",
+                "batch_size": args.batch_size, "batches": args.batches,
+                "step_gflop": step_flops(model, args.batch_size) / 1e9,
+                "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)],
+                "roofline_gflops": None, "roofline_fraction": None})
+    if args.bf16:
+        out["bf16_grad_rel_err"] = bf16_fidelity(model, args, device, dtype, gen)
+    if args.compare:
+        out["reference"] = summarize(model, args, runs[True])
+        out["speedup_vs_reference"] = out["samples_per_s"] / out["reference"]["samples_per_s"]
+    if roof is not None:
+        for kind, prefix in (("matmul", "roofline"), ("kernel", "kernel_roofline")):
+            out[f"{prefix}_gflops"] = roof.gflops(kind)
+            out[f"{prefix}_fraction"] = out["gflops"] / roof.gflops(kind)
+        if args.compare:
+            out["reference"]["roofline_fraction"] = out["reference"]["gflops"] / roof.gflops("matmul")
+    print(json.dumps(rounded(out)))
+
+
+def rounded(d):
+    return {k: rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+            for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    main()

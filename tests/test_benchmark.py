@@ -1,0 +1,108 @@
+"""benchmark.py runs and reports; the fast dynamics equal the autograd-per-step reference."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model_utils as mu
+
+torch.set_num_threads(2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ["samples_per_s", "seconds_per_batch", "free_s", "nudged_s", "update_s", "peak_mem_mb",
+        "dtype", "device", "gflops", "roofline_gflops", "roofline_fraction"]
+
+
+def bench(*flags):
+    return subprocess.run([sys.executable, "benchmark.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dataset", "IMDB", "--seqLen", "6", "--embed-dim", "8", "--fc_layers", "16", "4", "2",
+     "--T", "4", "--K", "2", "--batch_size", "3", "--thirdphase", "--compare", "--roofline"],
+    ["--dataset", "SNLI", "--seqLen", "5", "--embed-dim", "8", "--fc_layers", "16", "3",
+     "--T", "6", "--K", "3", "--batch_size", "4", "--bf16", "--tol", "1e-3", "--batches", "1"],
+])
+def test_benchmark_prints_one_json_line_with_the_keys(flags):
+    run = bench(*flags)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in KEYS:
+        assert key in out
+    assert out["samples_per_s"] > 0 and out["peak_mem_mb"] > 0 and out["device"] == "cpu"
+    if "--compare" in flags:
+        assert out["speedup_vs_reference"] > 0 and 0 < out["roofline_fraction"]
+    else:
+        assert out["dtype"].startswith("bfloat16") and 1 <= out["free_steps"] <= 6
+        assert len(out["bf16_grad_rel_err"]) == 8
+
+
+@pytest.mark.parametrize("flags", [["--no-such-flag"], ["--T", "0"], ["--betas", "0", "x"],
+                                   ["--dataset", "SNLI", "--fc_layers", "10", "2"]])
+def test_benchmark_bad_flags_exit_2_with_one_line(flags):
+    run = bench(*flags)
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1 and "error" in run.stderr
+
+
+def tiny(dataset, dtype, L=4, D=5, B=3):
+    torch.manual_seed(0)
+    model = mu.EPNet(dataset, L, D, [7, 2] if dataset == "IMDB" else [7, 3], "my_hard_sig").to(dtype)
+    x = torch.randn((B, L, D) if dataset == "IMDB" else (B, 2, L, D), dtype=dtype)
+    return model, x, torch.randint(0, model.n_classes, (B,))
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_fast_relaxation_equals_reference_over_many_steps(dataset, dtype, tol):
+    model, x, y = tiny(dataset, dtype)
+    with torch.no_grad():
+        drive, keys = model.precompute(x)
+        s0 = model.init_states(3, dtype=dtype)
+        for beta, steps in [(0.0, 8), (0.4, 5), (-0.4, 5)]:
+            fast, n = mu.relax(model, s0, drive, keys, steps, beta, y)
+            ref, _ = mu.relax(model, s0, drive, keys, steps, beta, y, x=x)
+            assert n == steps
+            for a, b in zip(fast, ref):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+            s0 = fast
+
+
+def test_ep_gradients_fast_equal_reference():
+    model, x, y = tiny("SNLI", torch.float64)
+    grads = {}
+    for reference in (False, True):
+        _, info = mu.ep_gradients(model, x, y, 12, 6, (0.0, 0.3), True, reference=reference)
+        grads[reference] = [p.grad.clone() for p in model.params()]
+        assert info["free_steps"] == 12 and info["nudged_steps"] == 12 and info["free_s"] >= 0
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_matches_f_linear_with_fused_add():
+    torch.manual_seed(0)
+    x, w, b, add = torch.randn(5, 40), torch.randn(30, 40), torch.randn(30), torch.randn(5, 30)
+    torch.testing.assert_close(mu.linear(x, w, b, add), torch.nn.functional.linear(x, w, b) + add)
+    torch.testing.assert_close(mu.linear(x, w.t().t()), x @ w.t())
+    torch.testing.assert_close(mu.linear(x[:, ::2], w[:, ::2]), x[:, ::2] @ w[:, ::2].t())  # strided
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_bf16_dynamics_stay_close_to_float32(dataset):
+    model, x, y = tiny(dataset, torch.float32, L=6, D=16, B=8)
+    grads, outs = {}, {}
+    for dt in (None, torch.bfloat16):
+        out, _ = mu.ep_gradients(model, x, y, 20, 10, (0.0, 0.5), True, free_dtype=dt)
+        grads[dt], outs[dt] = [p.grad.clone() for p in model.params()], out
+        assert out.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in model.params())
+    torch.testing.assert_close(outs[torch.bfloat16], outs[None], rtol=0.05, atol=0.03)
+    for a, b in zip(grads[torch.bfloat16], grads[None]):
+        assert (a - b).norm() <= 0.1 * b.norm()
+    emb, ids = x.reshape(-1, x.shape[-1]), torch.arange(x[..., 0].numel()).view(x.shape[:-1])
+    preds = [mu.predict_outputs(model, ids, emb, 20, 4, free_dtype=dt) for dt in (None, torch.bfloat16)]
+    torch.testing.assert_close(preds[1], preds[0], rtol=0.05, atol=0.03)
