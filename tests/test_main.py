@@ -189,3 +189,19 @@ def test_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_imdb):
     a, b = weights(full / "final_model.pt"), weights(killed / "final_model.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ctrl_c_exits_cleanly_with_the_last_complete_epoch_saved(tiny_imdb):
+    run = tiny_imdb["tmp"] / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"),
+                             *base_args(tiny_imdb, "--save", "--epochs", "200", "--results-dir", str(run))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "last complete epoch is saved" in out + err
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 1 <= ckpt["epoch"] < 200
