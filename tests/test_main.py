@@ -205,3 +205,58 @@ def test_ctrl_c_exits_cleanly_with_the_last_complete_epoch_saved(tiny_imdb):
     assert "Traceback" not in err and "last complete epoch is saved" in out + err
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert 1 <= ckpt["epoch"] < 200
+
+
+def test_gducheck_cli_writes_metrics_and_plots_and_check_thm_logs(tiny_imdb):
+    run = tiny_imdb["tmp"] / "run"
+    assert main.main(base_args(tiny_imdb, "--epochs", "2", "--save", "--results-dir", str(run),
+                               "--check-thm", "--gdu-samples", "4")) == 0
+    gdu_log = json.loads((run / "metrics.json").read_text())["gdu"]
+    assert [m["epoch"] for m in gdu_log] == [1, 2] and "fc.0.weight" in gdu_log[0]["layers"]
+    assert main.main(["--execute", "gducheck", "--load-path", str(run), "--data-dir", str(tiny_imdb["data"]),
+                      "--cache-dir", str(tiny_imdb["cache"]), "--T", "30", "--K", "8", "--save",
+                      "--gdu-samples", "4"]) == 0
+    metrics = json.loads((run / "gdu_metrics.json").read_text())
+    assert metrics["T"] == 30 and metrics["K"] == 8
+    assert set(metrics["layers"]["proj.0"]) == {"rel_rmse_one_sided", "rel_rmse_symmetric",
+                                                "sign_agreement_one_sided", "sign_agreement_symmetric"}
+    for png in ["gdu_summary.png", "convergence.png", "gdu_proj.0.png"]:
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def write_tiny_snli(folder, n=60, seed=0):
+    import random
+    rng = random.Random(seed)
+    labels = ["neutral", "contradiction", "entailment"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test"):
+        rows = []
+        for i in range(n):
+            label = labels[i % 3]
+            word = {"neutral": "maybe", "contradiction": "never", "entailment": "surely"}[label]
+            rows.append({"gold_label": label, "sentence1": f"a man {rng.choice(['runs', 'sits'])} here .",
+                         "sentence2": f"the man {word} {rng.choice(['runs', 'sits'])} ."})
+        (folder / f"snli_1.0_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def test_snli_train_and_test_through_the_cli(tmp_path, capsys):
+    from conftest import write_vectors
+    data = write_tiny_snli(tmp_path / "data")
+    vec = write_vectors(tmp_path / "v.txt", ["a", "man", "runs", "sits", "here", "the", "maybe", "never",
+                                             "surely", "."])
+    run = tmp_path / "run"
+    args = ["--dataset", "SNLI", "--data-dir", str(data), "--embeddings", str(vec), "--cache-dir",
+            str(tmp_path / "c"), "--seqLen", "6", "--fc_layers", "12", "3", "--lrs", *["0.01"] * 6,
+            "--T", "12", "--K", "6", "--betas", "0", "0.5", "--thirdphase", "--batch_size", "12",
+            "--epochs", "6", "--save", "--results-dir", str(run)]
+    assert main.main(args) == 0
+    recorded = json.loads((run / "metrics.json").read_text())["test_accuracy"]
+    assert recorded > 0.6  # the hypothesis word gives the label away
+    capsys.readouterr()
+    assert main.main(["--execute", "test", "--load-path", str(run), "--data-dir", str(data),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    assert f"test accuracy {recorded:.4f}" in capsys.readouterr().out
+    assert main.main(["--execute", "predict", "--load-path", str(run), "--premise", "a man runs here .",
+                      "--hypothesis", "the man never sits ."]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in main.LABELS["SNLI"]
