@@ -360,7 +360,8 @@ def batches(n, batch_size, generator=None):
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol, optionally free_dtype (see ep_gradients; also used by evaluate). Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
+    batch_size, tol and optionally free_dtype (see ep_gradients).
+    Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     model.train()
     correct = seen = free = nudged = nb = 0
