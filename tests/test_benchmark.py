@@ -42,12 +42,22 @@ def test_benchmark_prints_one_json_line_with_the_keys(flags):
         assert len(out["bf16_grad_rel_err"]) == 8
 
 
-@pytest.mark.parametrize("flags", [["--no-such-flag"], ["--T", "0"], ["--betas", "0", "x"],
-                                   ["--dataset", "SNLI", "--fc_layers", "10", "2"]])
-def test_benchmark_bad_flags_exit_2_with_one_line(flags):
-    run = bench(*flags)
+def test_benchmark_bad_flag_exits_2_with_one_line():
+    run = bench("--no-such-flag")
     assert run.returncode == 2
     assert len(run.stderr.strip().splitlines()) == 1 and "error" in run.stderr
+
+
+@pytest.mark.parametrize("flags", [["--T", "0"], ["--betas", "0", "x"], ["--device", "gpu"],
+                                   ["--dataset", "SNLI", "--fc_layers", "10", "2"],
+                                   ["--alg", "BPTT", "--T", "5", "--K", "9"], ["--bf16", "--reference"]])
+def test_benchmark_bad_values_exit_2_with_one_line(flags, capsys):
+    import benchmark
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.pick_device(benchmark.parse_args(flags).device)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error" in err
 
 
 def tiny(dataset, dtype, L=4, D=5, B=3):
