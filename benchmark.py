@@ -175,16 +175,6 @@ def train_step(model, opt, x, y, args, reference):
     return dict(info, total_s=total, update_s=total - info["free_s"] - info["nudged_s"])
 
 
-def best_time(fn, device, reps=3):
-    clock, best = mu.Clock(device), float("inf")
-    fn()
-    clock()
-    for _ in range(reps):
-        fn()
-        best = min(best, clock())
-    return best
-
-
 def roofline_ops(model, B, device, dtype, kernel):
     """Matmuls of one step's shapes: torch.matmul, or (kernel) the fast path's `linear`."""
     mm = mu.linear if kernel else (lambda a, w: torch.matmul(a, w.t()))
@@ -201,21 +191,30 @@ def roofline_ops(model, B, device, dtype, kernel):
 
 
 class Roofline:
-    """Best time of each matmul of a step, over several sweeps interleaved with the batches."""
+    """The matmuls of a step run back to back for a quarter of a batch's steps (a duration
+    long enough to see the same machine load as a batch); best of the sweeps, which are
+    interleaved with the batches."""
 
     def __init__(self, model, args, device, dtype):
-        self.flops, self.device = step_flops(model, args.batch_size), device
+        self.steps = max(10, (args.T + 2 * args.K) // 4)
+        self.flops, self.device = self.steps * step_flops(model, args.batch_size), device
         self.ops = {kind: roofline_ops(model, args.batch_size, device, dtype, kind == "kernel")
                     for kind in ("matmul", "kernel")}
-        self.best = {kind: [float("inf")] * len(ops) for kind, ops in self.ops.items()}
+        self.best = {kind: float("inf") for kind in self.ops}
 
     def sweep(self):
         with torch.no_grad():
             for kind, ops in self.ops.items():
-                self.best[kind] = [min(b, best_time(op, self.device)) for b, op in zip(self.best[kind], ops)]
+                for op in ops:  # warm-up
+                    op()
+                clock = mu.Clock(self.device)
+                for _ in range(self.steps):
+                    for op in ops:
+                        op()
+                self.best[kind] = min(self.best[kind], clock())
 
     def gflops(self, kind):
-        return self.flops / sum(self.best[kind]) / 1e9
+        return self.flops / self.best[kind] / 1e9
 
 
 def summarize(model, args, runs):
