@@ -174,7 +174,7 @@ class EPNet(nn.Module):
         for k in range(1, len(s)):
             gk = linear(s[k - 1].flatten(1), W[k - 1], b[k - 1])
             if k < len(s) - 1:
-                gk = gk + linear(s[k + 1], W[k].t())
+                gk = linear(s[k + 1], W[k].t(), add=gk)
             elif beta != 0.0:
                 gk = gk + beta * (one_hot(y, s[k]) - s[k])
             g.append(gk)
