@@ -16,6 +16,9 @@ attention bmm), between the batches, and reports the useful matmul GFLOP/s of th
 step against it (`roofline_fraction`); `kernel_roofline_*` is the same with the kernel the
 fast path calls (model_utils.linear: oneDNN on CPU).
 Bad flags or values: one line on stderr, exit code 2.
+
+On a shared machine run it (and main.py) with OMP_WAIT_POLICY=PASSIVE: with other busy
+processes, OpenMP threads spinning at every barrier halve the throughput of 2 threads.
 """
 import argparse
 import json
@@ -269,6 +272,7 @@ def main(argv=None):
     out.update({"peak_mem_mb": peak_mb(device), "base_mem_mb": base,
                 "dtype": "bfloat16 free phase" if args.bf16 else args.dtype, "device": str(device),
                 "threads": torch.get_num_threads(), "alg": args.alg,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast",
                 "batch_size": args.batch_size, "batches": args.batches,
                 "step_gflop": step_flops(model, args.batch_size) / 1e9,
