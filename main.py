@@ -474,8 +474,11 @@ def train(args, log):
                             "epoch": args.epochs, "history": history, "best_val": best_val})
         save_torch(final, os.path.join(run_dir, "final_model.pt"))
         best = load_checkpoint(os.path.join(run_dir, "best_model.pt"))
-        model.load_state_dict(best["model"])
-        test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test")
+        if best["epoch"] == args.epochs and history["test_acc"][-1] is not None:
+            test_acc = history["test_acc"][-1]  # the last epoch is the best: already evaluated
+        else:
+            model.load_state_dict(best["model"])
+            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test")
         metrics = history_json(history)
         metrics.update({"test_accuracy": test_acc, "best_epoch": best["epoch"], "best_val_acc": best_val})
         save_json(metrics, os.path.join(run_dir, "metrics.json"))
