@@ -34,7 +34,7 @@ DATASET_DEFAULTS = {  # the paper's configurations (seed README)
 }
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
-         "seed", "tol", "dtype", "test_every"]
+         "seed", "tol", "dtype", "test_every", "bf16"]
 
 
 class UsageError(Exception):
@@ -71,6 +71,9 @@ def build_parser():
     a("--tol", type=float, help="stop a phase early when the largest relative state change "
       "falls below this (default off: always T and K steps)")
     a("--dtype", choices=["float32", "float64"], help="dtype of model and dynamics (default float32)")
+    a("--bf16", action="store_true", default=None,
+      help="EP: run the free phase and evaluation in bfloat16 (CPUs with AVX512-BF16, CUDA); "
+           "nudged phases and Hebbian updates stay in --dtype")
     a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
     a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
     a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
@@ -112,7 +115,7 @@ def resolve(args, saved=None):
             setattr(args, flag, arch[key])
     hyper = saved.get("hyper", {})
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
-                "tol": None, "dtype": "float32", "test_every": 1, "act": "my_hard_sig",
+                "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 **{k: v for k, v in d.items() if k != "lrs"}}
     for key in HYPER + ["fc_layers", "seqLen", "act"]:
         if getattr(args, key, None) is None:
@@ -412,7 +415,8 @@ def train(args, log):
         log(f"run folder: {run_dir}")
 
     hp = {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
-          "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol}
+          "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
+          "free_dtype": torch.bfloat16 if args.bf16 else None}
     log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
@@ -430,10 +434,12 @@ def train(args, log):
             lr = [g["lr"] for g in optimizer.param_groups]
             if scheduler is not None:
                 scheduler.step()
-            val_acc = mu.evaluate(model, data.val, embeddings, args.T, args.batch_size, args.tol, "val")
+            val_acc = mu.evaluate(model, data.val, embeddings, args.T, args.batch_size, args.tol, "val",
+                                  hp["free_dtype"])
             last = epoch + 1 == args.epochs
-            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test") \
-                if (args.test_every and (epoch + 1) % args.test_every == 0) or last else None
+            due = (args.test_every and (epoch + 1) % args.test_every == 0) or last
+            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
+                                   hp["free_dtype"]) if due else None
             for key, v in [("train_acc", stats["train_acc"]), ("val_acc", val_acc), ("test_acc", test_acc),
                            ("epoch_time_s", stats["seconds"]),
                            ("samples_per_s", stats["samples"] / stats["seconds"]),
@@ -478,7 +484,8 @@ def train(args, log):
             test_acc = history["test_acc"][-1]  # the last epoch is the best: already evaluated
         else:
             model.load_state_dict(best["model"])
-            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test")
+            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
+                                   hp["free_dtype"])
         metrics = history_json(history)
         metrics.update({"test_accuracy": test_acc, "best_epoch": best["epoch"], "best_val_acc": best_val})
         save_json(metrics, os.path.join(run_dir, "metrics.json"))
@@ -530,7 +537,8 @@ def test(args, log):
     data = load_data(args, log)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     embeddings = data.embeddings.to(args.device_obj)
-    acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test")
+    acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
+                      torch.bfloat16 if args.bf16 else None)
     log(f"test accuracy {acc:.4f} ({len(data.test)} samples, T={args.T}, {path})")
     return 0
 
