@@ -12,9 +12,12 @@ recomputed and differentiated with autograd at every step. `--compare` times bot
 alternating batch by batch, and adds `reference` and `speedup_vs_reference`. `--roofline`
 also times `torch.matmul` on the shapes one step multiplies (each FC layer forward
 [B, n_in]x[n_in, n_out], its transpose feedback [B, n_out]x[n_out, n_in], and the two
-attention bmm), between the batches, and reports the useful matmul GFLOP/s of the training
-step against it (`roofline_fraction`); `kernel_roofline_*` is the same with the kernel the
-fast path calls (model_utils.linear: oneDNN on CPU).
+attention bmm) back to back, between the batches, and reports the useful matmul GFLOP/s of
+the training step against it (`roofline_fraction`); `kernel_roofline_*` is the same with the
+kernel the fast path calls (model_utils.linear: oneDNN on CPU, about twice MKL on AMD).
+`--bf16` runs the free phase in bfloat16 (ep_gradients' free_dtype) and reports the relative
+error of each parameter's EP gradient against float32 (`bf16_grad_rel_err`); `--tol` stops
+each phase early (`free_steps`, `nudged_steps`: steps used on average).
 Bad flags or values: one line on stderr, exit code 2.
 
 On a shared machine run it (and main.py) with OMP_WAIT_POLICY=PASSIVE: with other busy
