@@ -1,10 +1,12 @@
 """Shared fixtures: a tiny IMDB-layout dataset and word vectors written by the tests."""
+import os
 import random
 import sys
 from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported by any test
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
