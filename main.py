@@ -333,13 +333,14 @@ def hyper_of(args):
 
 def make_config(args, model, data):
     config = {"model": model.config(), "hyper": hyper_of(args), "data": data.info,
-              "command": command_line(), "torch": str(torch.__version__),
+              "command": command_line(args.argv), "torch": str(torch.__version__),
               "created": datetime.datetime.now().isoformat(timespec="seconds")}
     return json.loads(json.dumps(config, default=str))  # plain types only: safe to load
 
 
-def command_line():
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+def command_line(argv):
+    """The command as typed: `python main.py` and the arguments main() was given."""
+    return " ".join(shlex.quote(a) for a in ["python", "main.py", *argv])
 
 
 # ----------------------------------------------------------------------------- train
@@ -413,7 +414,7 @@ def train(args, log):
         if not os.path.exists(emb_path):
             data_utils.export_embeddings(data, emb_path)
         with open(os.path.join(run_dir, "command.txt"), "a") as f:
-            f.write(command_line() + "\n")
+            f.write(command_line(args.argv) + "\n")
         save_json(config, os.path.join(run_dir, "config.json"))
         log(f"run folder: {run_dir}")
 
@@ -626,7 +627,9 @@ def main(argv=None):
     if not sys.stderr.isatty():  # logs to a file: progress bars update every 30 s, not every step
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     import data_utils
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
 
     def log(msg):
         from tqdm import tqdm

@@ -101,6 +101,7 @@ class Evil:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hand-made evil pickle
 def test_malicious_truncated_and_foreign_checkpoints_are_refused(tiny_imdb, capsys):
     tmp = tiny_imdb["tmp"]
     marker = tmp / "pwned"
