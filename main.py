@@ -6,6 +6,7 @@
 Flags follow the original tool's README; see README.md for the full table.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -461,15 +462,8 @@ def train(args, log):
             improved = math.isnan(val_acc) or val_acc > best_val
             best_val = val_acc if improved else best_val
             if run_dir:
-                state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
-                         "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler else None,
-                         "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": rng_state()}
-                if improved:
-                    save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
-                save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
-                save_json(history_json(history), os.path.join(run_dir, "metrics.json"))
-                plot_accuracy(history, os.path.join(run_dir, "accuracy.png"))
+                with deferred_sigint():  # Ctrl-C waits until this epoch's files are complete
+                    save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved)
     except KeyboardInterrupt:
         where = f"; the last complete epoch is saved in {run_dir}/checkpoint.pt" if run_dir else ""
         log(f"interrupted during epoch {epoch + 1}{where}")
@@ -497,6 +491,32 @@ def train(args, log):
     elif history["test_acc"]:
         log(f"final test accuracy {history['test_acc'][-1]:.4f}")
     return 0
+
+
+def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved):
+    """After every epoch: checkpoint, best model, metrics and curves, each written atomically."""
+    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+             "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler else None,
+             "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": rng_state()}
+    if improved:
+        save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
+    save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
+    save_json(history_json(history), os.path.join(run_dir, "metrics.json"))
+    plot_accuracy(history, os.path.join(run_dir, "accuracy.png"))
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """Hold SIGINT until the block ends, then raise KeyboardInterrupt: no half-done epoch files."""
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def model_only(state):
