@@ -167,14 +167,17 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path, write):
-    """Write a file through write(fileobj) into a temp file beside it, then rename it into place."""
+def write_atomic(path, write):
+    """Write a file through write(fileobj) into a temp file beside it, fsync, then rename it into
+    place: a reader (or a crash) never sees a half-written file. Permissions follow the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would make shared checkpoints unreadable
@@ -183,11 +186,17 @@ def _atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    with contextlib.suppress(OSError):          # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def _save_cache(obj, path, log):
     try:
-        _atomic_write(path, lambda f: torch.save(obj, f))
+        write_atomic(path, lambda f: torch.save(obj, f))
         return True
     except OSError as e:
         log(f'WARNING: could not write cache {path}: {e}')
@@ -665,7 +674,7 @@ def _fetch_snli(cache_dir: Path, log):
         for split in ('train', 'dev', 'test'):
             member = f'snli_1.0/snli_1.0_{split}.jsonl'
             with archive.open(member) as src:
-                _atomic_write(out / f'snli_1.0_{split}.jsonl', lambda f: f.write(src.read()))
+                write_atomic(out / f'snli_1.0_{split}.jsonl', lambda f: f.write(src.read()))
 
 
 # ----------------------------------------------------------------------------- word vectors
@@ -876,7 +885,7 @@ def _train_word2vec(tokens, dim, cache_dir: Path, log) -> _Vectors:
     words_arr = np.array(kv.index_to_key, dtype=str)
     vectors = np.asarray(kv.vectors, dtype=np.float32)
     try:
-        _atomic_write(path, lambda f: np.savez(f, words=words_arr, vectors=vectors))
+        write_atomic(path, lambda f: np.savez(f, words=words_arr, vectors=vectors))
     except OSError as e:
         log(f'WARNING: could not cache the word2vec vectors at {path}: {e}')
     return _Vectors(dict(kv.key_to_index), vectors)
@@ -1089,7 +1098,7 @@ def export_embeddings(data: Data, path):
     vectors = data.embeddings[1:].numpy()
     if np.abs(vectors).max(initial=0.0) > np.finfo(np.float16).max:
         raise DataError('word vectors exceed the float16 range; cannot export them compactly')
-    _atomic_write(path, lambda f: np.savez_compressed(f, words=words, vectors=vectors.astype(np.float16)))
+    write_atomic(path, lambda f: np.savez_compressed(f, words=words, vectors=vectors.astype(np.float16)))
     return Path(path)
 
 

@@ -25,11 +25,11 @@ import copy
 import json
 import math
 import os
-import tempfile
 
 import torch
 
 import model_utils as mu
+from data_utils import write_atomic
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 SIGN_LABEL = "−∂ℓ/∂θ  (EP: Σ ΔΦ_θ/β as is, BPTT: −Σ ∂ℓ/∂θ_t)"
@@ -452,18 +452,8 @@ def plot_convergence(trace, path):
 
 # ----------------------------------------------------------------------------- entry points
 def _write_json(obj, path):
-    """Write JSON atomically: a temporary file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results folder is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write JSON atomically (temp file, fsync, rename)."""
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def run_gducheck(model, x, y, args, out_dir, log=print):

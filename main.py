@@ -17,7 +17,6 @@ import shlex
 import signal
 import sys
 import tempfile
-import time
 import zipfile
 
 # OpenMP threads that spin at barriers halve throughput on a loaded machine: sleep instead.
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import model_utils as mu
+from data_utils import write_atomic
 
 CHECKPOINT_FORMAT = "seqlearn-ep/1"
 LABELS = {"IMDB": ["negative", "positive"], "SNLI": ["neutral", "contradiction", "entailment"]}
@@ -195,27 +195,6 @@ def pick_device(index, log):
 
 
 # ----------------------------------------------------------------------------- files
-def write_atomic(path, write):
-    """Write via a temp file in the same folder, fsync, rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def save_torch(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
 
