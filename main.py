@@ -25,6 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import data_utils
+import gdu
 import model_utils as mu
 from data_utils import write_atomic
 
@@ -47,8 +49,6 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- arguments
 def build_parser():
-    import data_utils
-    import gdu
     p = argparse.ArgumentParser(
         description="Sequence learning with Equilibrium Propagation (convergent RNN + modern Hopfield layers).")
     a = p.add_argument
@@ -293,7 +293,6 @@ def seed_everything(seed):
 
 # ----------------------------------------------------------------------------- data
 def load_data(args, log):
-    import data_utils
     data = data_utils.load_data(args, log=log)
     # Word vectors are kept at float16 precision so that every run folder can ship the
     # exact vectors it was trained with (embeddings.npz) and be re-evaluated bit for bit.
@@ -389,7 +388,6 @@ def train(args, log):
         run_dir = args.results_dir or resume_dir or default_run_dir(args)
         same = resume_dir is not None and os.path.abspath(run_dir) == os.path.abspath(resume_dir)
         prepare_run_dir(run_dir, same, args.overwrite)
-        import data_utils
         emb_path = os.path.join(run_dir, "embeddings.npz")
         if not os.path.exists(emb_path):
             data_utils.export_embeddings(data, emb_path)
@@ -407,6 +405,10 @@ def train(args, log):
         f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}")
 
     embeddings = data.embeddings.to(args.device_obj)
+
+    def evaluate(split, desc):
+        return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc, hp["free_dtype"])
+
     from tqdm import tqdm
     epoch = start_epoch
     try:
@@ -418,12 +420,10 @@ def train(args, log):
             lr = [g["lr"] for g in optimizer.param_groups]
             if scheduler is not None:
                 scheduler.step()
-            val_acc = mu.evaluate(model, data.val, embeddings, args.T, args.batch_size, args.tol, "val",
-                                  hp["free_dtype"])
+            val_acc = evaluate(data.val, "val")
             last = epoch + 1 == args.epochs
             due = (args.test_every and (epoch + 1) % args.test_every == 0) or last
-            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
-                                   hp["free_dtype"]) if due else None
+            test_acc = evaluate(data.test, "test") if due else None
             for key, v in [("train_acc", stats["train_acc"]), ("val_acc", val_acc), ("test_acc", test_acc),
                            ("epoch_time_s", stats["seconds"]),
                            ("samples_per_s", stats["samples"] / stats["seconds"]),
@@ -461,9 +461,8 @@ def train(args, log):
             test_acc = history["test_acc"][-1]  # the last epoch is the best: already evaluated
         else:
             model.load_state_dict(best["model"])
-            test_acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
-                                   hp["free_dtype"])
-        metrics = history_json(history)
+            test_acc = evaluate(data.test, "test")
+        metrics = dict(history)
         metrics.update({"test_accuracy": test_acc, "best_epoch": best["epoch"], "best_val_acc": best_val})
         save_json(metrics, os.path.join(run_dir, "metrics.json"))
         log(f"best model (epoch {best['epoch']}, val acc {best_val:.4f}): test accuracy {test_acc:.4f}")
@@ -481,7 +480,7 @@ def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, bes
     if improved:
         save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
     save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
-    save_json(history_json(history), os.path.join(run_dir, "metrics.json"))
+    save_json(history, os.path.join(run_dir, "metrics.json"))
     plot_accuracy(history, os.path.join(run_dir, "accuracy.png"))
 
 
@@ -503,13 +502,8 @@ def model_only(state):
     return {k: state[k] for k in keep if k in state}
 
 
-def history_json(history):
-    return {k: v for k, v in history.items()}
-
-
 def check_theorem(model, split, embeddings, args, epoch, log):
     """--check-thm: GDU metrics on a few training samples, logged and kept in the history."""
-    import gdu
     n = min(args.gdu_samples, len(split))
     x = mu.embed(embeddings, split.ids[:n].to(embeddings.device), next(model.parameters()).dtype)
     metrics = gdu.gdu_metrics(gdu.gdu_check(model, x, split.labels[:n].to(embeddings.device),
@@ -547,7 +541,6 @@ def test(args, log):
 
 
 def gducheck(args, log):
-    import gdu
     if args.load_path:
         ckpt, path = load_for_eval(args, log)
         if args.embeddings == "auto" and run_embeddings(args.load_path):
@@ -575,7 +568,6 @@ def gducheck(args, log):
 
 
 def predict(args, log):
-    import data_utils
     if args.load_path is None:
         raise UsageError("--execute predict needs --load-path (a run folder with embeddings.npz)")
     ckpt, path = load_for_eval(args, log)
@@ -625,7 +617,6 @@ def read_predict_inputs(args):
 def main(argv=None):
     if not sys.stderr.isatty():  # logs to a file: progress bars update every 30 s, not every step
         os.environ.setdefault("TQDM_MININTERVAL", "30")
-    import data_utils
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
