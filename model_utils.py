@@ -358,9 +358,10 @@ def batches(n, batch_size, generator=None):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None):
+def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None, dist=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol and optionally free_dtype (see ep_gradients).
+    batch_size, tol and optionally free_dtype (see ep_gradients). dist: a dist_utils.Dist
+    to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     model.train()
@@ -368,24 +369,30 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
     start = time.perf_counter()
     bar = tqdm(batches(len(split), hp["batch_size"], generator), desc=desc, leave=False,
                dynamic_ncols=True)
-    for idx in bar:
-        x = embed(embeddings, split.ids[idx].to(device), dtype)
-        y = split.labels[idx].to(device)
-        if hp["alg"] == "EP":
-            out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                     hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"))
-        else:
-            out, info = bptt_gradients(model, x, y, hp["T"], hp["K"])
+    for batch in bar:
+        idx = batch if dist is None else dist.shard(batch)
+        if len(idx):
+            x = embed(embeddings, split.ids[idx].to(device), dtype)
+            y = split.labels[idx].to(device)
+            if hp["alg"] == "EP":
+                out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
+                                         hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"))
+            else:
+                out, info = bptt_gradients(model, x, y, hp["T"], hp["K"])
+            correct += (out.argmax(1) == y).sum().item()
+            free, nudged, nb = free + info["free_steps"], nudged + info["nudged_steps"], nb + 1
+        if dist is not None:
+            dist.average_grads(model, len(idx), len(batch))
         if hook is not None:
             hook(model)
         check_grads_finite(model)
         optimizer.step()
-        correct += (out.argmax(1) == y).sum().item()
         seen += len(idx)
-        free, nudged, nb = free + info["free_steps"], nudged + info["nudged_steps"], nb + 1
-        bar.set_postfix(acc=f"{correct / seen:.3f}")
+        bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}", refresh=False)
     seconds = time.perf_counter() - start
-    return {"train_acc": correct / max(seen, 1), "samples": seen, "seconds": seconds,
+    if dist is not None:
+        correct, seen, free, nudged, nb = dist.sum([correct, seen, free, nudged, nb])
+    return {"train_acc": correct / max(seen, 1), "samples": int(seen), "seconds": seconds,
             "free_steps": free / max(nb, 1), "nudged_steps": nudged / max(nb, 1)}
 
 
@@ -408,9 +415,14 @@ def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, 
     return torch.cat(outs) if outs else torch.zeros(0, model.n_classes)
 
 
-def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None):
-    """Accuracy: argmax of the output after T free steps with β = 0."""
+def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None, dist=None):
+    """Accuracy: argmax of the output after T free steps with β = 0. With dist, each rank
+    evaluates its contiguous part of the split and the correct counts are summed."""
     if len(split) == 0:
         return float("nan")
-    out = predict_outputs(model, split.ids, embeddings, T, batch_size, tol, desc, free_dtype)
-    return (out.argmax(1) == split.labels).float().mean().item()
+    idx = torch.arange(len(split)) if dist is None else dist.shard(torch.arange(len(split)))
+    out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype)
+    correct = (out.argmax(1) == split.labels[idx]).sum().item()
+    if dist is not None:
+        correct = dist.sum([correct])[0]
+    return correct / len(split)
