@@ -64,7 +64,8 @@ def build_parser():
     a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
     a("--act", choices=sorted(mu.ACTIVATIONS), help="activation σ (default my_hard_sig)")
     a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
-    a("--execute", choices=["train", "test", "gducheck", "predict"], default="train")
+    a("--execute", choices=["train", "test", "gducheck", "predict", "export"], default="train",
+      help="train, test a stored model, GDU check, predict texts, or export a run for sharing")
     a("--alg", choices=["EP", "BPTT"], help="learning algorithm (default EP)")
     a("--T", type=int, help="free-phase steps (default IMDB 50, SNLI 60)")
     a("--K", type=int, help="nudged-phase steps (EP) / backpropagated steps (BPTT) (default T/2)")
@@ -96,6 +97,8 @@ def build_parser():
       help="evaluate on the test set every N epochs (default 1; 0 = only at the end)")
     a("--check-thm", dest="check_thm", action="store_true",
       help="run the GDU check on a few training samples after every epoch and log it")
+    a("--weights-dtype", dest="weights_dtype", choices=["float32", "float16", "bfloat16"],
+      default="float16", help="export: precision the weights are stored in (default float16)")
     a("--text", nargs="+", help="predict: texts to classify (IMDB)")
     a("--premise", help="predict: SNLI premise")
     a("--hypothesis", help="predict: SNLI hypothesis")
@@ -629,6 +632,79 @@ def predict(args, log):
     return 0
 
 
+def export(args, log):
+    """Pack a run for sharing (e.g. into saved_models/): its best weights stored in
+    --weights-dtype, its word vectors, curves and command, and the test accuracy of exactly
+    the stored weights, measured now with the evaluation flags given (--T, --batch_size, --tol),
+    which become the stored defaults so that `--execute test` on the export reproduces it."""
+    if args.load_path is None or not os.path.isdir(args.load_path):
+        raise UsageError("--execute export needs --load-path RUN_FOLDER (a folder written by --save)")
+    if not args.results_dir:
+        raise UsageError("--execute export needs --results-dir OUT_FOLDER")
+    out = args.results_dir
+    if os.path.abspath(out) == os.path.abspath(args.load_path):
+        raise UsageError("--results-dir must differ from --load-path")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise UsageError(f"{out} is not empty: choose another --results-dir or pass --overwrite")
+    ckpt, path = load_for_eval(args, log)
+    emb_path = run_embeddings(args.load_path)
+    if emb_path is None:
+        raise UsageError(f"{args.load_path} has no embeddings.npz: the export needs the run's word vectors")
+    args.embeddings = emb_path
+    data = load_data(args, log)
+    wdtype = getattr(torch, args.weights_dtype)
+    state = {k: v.to(wdtype) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UsageError(f"weights {', '.join(bad)} overflow {args.weights_dtype}; export with "
+                         f"--weights-dtype bfloat16 or float32")
+    model = restore_model({**ckpt, "model": state}, path).to(args.device_obj, getattr(torch, args.dtype))
+    embeddings = data.embeddings.to(args.device_obj)
+    acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
+                      torch.bfloat16 if args.bf16 else None)
+    correct = round(acc * len(data.test))
+    run_metrics_path = os.path.join(args.load_path, "metrics.json")
+    try:
+        with open(run_metrics_path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        metrics = dict(ckpt.get("history", {}))
+    info = {"from": os.path.abspath(path), "weights_dtype": args.weights_dtype, "epoch": ckpt.get("epoch"),
+            "eval": {"T": args.T, "batch_size": args.batch_size, "tol": args.tol, "bf16": args.bf16},
+            "trained_with": {k: ckpt["config"]["hyper"].get(k) for k in ("T", "K", "batch_size", "tol", "bf16")},
+            "test_accuracy_before_export": metrics.get("test_accuracy"),
+            "command": command_line(args.argv)}
+    config = json.loads(json.dumps(ckpt["config"]))
+    config["hyper"].update(info["eval"])  # `--execute test` without flags evaluates as measured here
+    config["export"] = info
+    metrics.update({"test_accuracy": acc, "test_correct": correct, "test_samples": len(data.test),
+                    "export": info})
+    os.makedirs(out, exist_ok=True)
+    save_torch({"format": CHECKPOINT_FORMAT, "model": state, "config": config, "epoch": ckpt.get("epoch"),
+                "history": ckpt.get("history", {}), "best_val": ckpt.get("best_val")},
+               os.path.join(out, "best_model.pt"))
+    for name in ("embeddings.npz", "accuracy.png"):
+        src = os.path.join(args.load_path, name)
+        if os.path.isfile(src):
+            with open(src, "rb") as f:
+                blob = f.read()
+            write_atomic(os.path.join(out, name), lambda g: g.write(blob))
+    try:
+        with open(os.path.join(args.load_path, "command.txt")) as f:
+            commands = f.read()
+    except OSError:
+        commands = ""
+    write_atomic(os.path.join(out, "command.txt"),
+                 lambda g: g.write((commands + "# export\n" + command_line(args.argv) + "\n").encode()))
+    save_json(config, os.path.join(out, "config.json"))
+    save_json(metrics, os.path.join(out, "metrics.json"))
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)) / 2**20
+    log(f"exported {path} ({args.weights_dtype} weights) to {out} ({size:.1f} MB): test accuracy "
+        f"{acc:.4f} ({correct}/{len(data.test)} correct, T={args.T}); before export "
+        f"{info['test_accuracy_before_export']}")
+    return 0
+
+
 def read_predict_inputs(args):
     if args.input_file:
         try:
@@ -664,7 +740,7 @@ def main(argv=None):
             tqdm.write(str(msg))
 
     try:
-        if dist_utils.launched() and args.execute in ("gducheck", "predict"):
+        if dist_utils.launched() and args.execute in ("gducheck", "predict", "export"):
             if int(os.environ["RANK"]) > 0:
                 return 0
             log(f"notice: --execute {args.execute} runs in one process (rank 0) under torchrun")
@@ -676,7 +752,8 @@ def main(argv=None):
             args.device_obj, who = args.dist.device, f"[rank {args.dist.rank}] "
         else:
             args.device_obj = pick_device(args.device, log)
-        run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict}[args.execute]
+        run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict,
+               "export": export}[args.execute]
         return run(args, log)
     except (UsageError, data_utils.DataError, ValueError) as e:
         print(f"{who}error: {e}", file=sys.stderr)

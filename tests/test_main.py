@@ -261,3 +261,25 @@ def test_snli_train_and_test_through_the_cli(tmp_path, capsys):
     assert main.main(["--execute", "predict", "--load-path", str(run), "--premise", "a man runs here .",
                       "--hypothesis", "the man never sits ."]) == 0
     assert capsys.readouterr().out.split("\t")[0] in main.LABELS["SNLI"]
+
+
+def test_export_stores_half_precision_weights_and_test_reproduces_its_accuracy(tiny_imdb, capsys):
+    run, out = tiny_imdb["tmp"] / "run", tiny_imdb["tmp"] / "shipped"
+    assert main.main(base_args(tiny_imdb, "--epochs", "2", "--save", "--results-dir", str(run))) == 0
+    data = ["--data-dir", str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]
+    capsys.readouterr()
+    assert main.main(["--execute", "export", "--load-path", str(run), "--results-dir", str(out),
+                      "--T", "20", *data]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "best_model.pt", "command.txt",
+                                                    "config.json", "embeddings.npz", "metrics.json"]
+    ckpt = torch.load(out / "best_model.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export"]["eval"]["T"] == 20 and metrics["export"]["trained_with"]["T"] == 12
+    assert len(metrics["val_acc"]) == 2                      # the run's curves travel along
+    # test on the export, with no flags: the stored evaluation settings give the recorded number
+    capsys.readouterr()
+    assert main.main(["--execute", "test", "--load-path", str(out), *data]) == 0
+    assert f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_correct']}/" in capsys.readouterr().out
+    # a second export into the same folder is refused without --overwrite
+    assert main.main(["--execute", "export", "--load-path", str(run), "--results-dir", str(out), *data]) == 2
