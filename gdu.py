@@ -42,67 +42,82 @@ def neuron_names(model):
 
 
 # ----------------------------------------------------------------------------- the check
-def _free_phase_with_graph(model, x, y, T, K):
-    """T−K free steps without a graph, then K recorded steps, step t with its own parameter
-    clone p_t and drive; one backward of ℓ(s_T) gives every step's contribution (linear in K).
-    Returns s⁰ = s_T (detached), and, ordered from the last step backwards ([K, *shape] each),
-    the per-step −∂ℓ/∂θ_t, −B·∂ℓ/∂g_t and −B·∂ℓ/∂s_{t+1} (t = T−1 … T−K)."""
+def _free_phase_with_graph(model, x, y, T, K, entries=None):
+    """T−K free steps without a graph, then K recorded steps; one backward of ℓ(s_T) through
+    them gives ∂ℓ/∂g_t and ∂ℓ/∂s_{t+1} of every recorded step (linear in K, no parameter copies).
+    Per-step parameter gradients follow from the pre-activation gradients δ_t = ∂ℓ/∂g_t: θ enters
+    step t only through g_t = ∂Φ/∂s(s_t; θ), and Φ is at most bilinear in the states, so
+    ∂ℓ/∂θ_t = (∂g_t/∂θ)ᵀ δ_t = B·[∂Φ/∂θ(s_t + δ_t) − ∂Φ/∂θ(s_t − δ_t)]/2 (batch-averaged ∂Φ/∂θ,
+    exact: the central difference of a quadratic). `entries`: per parameter, a flat index of the
+    entries to keep (None: all). Returns s⁰ = s_T (detached), and, ordered from the last step
+    backwards ([K, *shape] each), the per-step −∂ℓ/∂θ_t, −B·∂ℓ/∂g_t and −B·∂ℓ/∂s_{t+1}
+    (t = T−1 … T−K)."""
     B = x.shape[0]
     with torch.no_grad():
         drive, keys = model.precompute(x)
         s, _ = mu.relax(model, model.init_states(B, x.device, x.dtype), drive, keys, T - K)
-    groups = {"theta": [], "pre": [], "state": []}  # per recorded step: tensors to differentiate
+    inputs, pre, state = [], [], []  # per recorded step: s_t, g_t, s_{t+1}
     with torch.enable_grad():
+        s = [t.detach().requires_grad_(True) for t in s]
         for _ in range(K):
-            p_t = [w.detach().clone().requires_grad_(True) for w in model.params()]
-            drive_t, _ = model.precompute(x, p_t)
-            g = model.grad_states(s, drive_t, 0.0, None, p_t)  # pre-activations g_t = ∂Φ/∂s(s_t)
+            inputs.append([t.detach() for t in s])
+            g = model.grad_states(s, drive)  # pre-activations g_t = ∂Φ/∂s(s_t)
             s = model.update(g, keys)
-            groups["theta"].append(p_t)
-            groups["pre"].append(g)
-            groups["state"].append(s)
+            pre.append(g)
+            state.append(s)
         mu.check_finite(s, "GDU free")
         loss = mu.mse_loss(s[-1], y)
-        order = [(key, t) for key in groups for t in range(K)]
-        flat = [v for key, t in order for v in groups[key][t]]
+        flat = [v for group in (pre, state) for step in group for v in step]
         grads = list(torch.autograd.grad(loss, flat, allow_unused=True))
     s0 = [t.detach() for t in s]
-    shapes = {key: [v.shape for v in groups[key][0]] for key in groups}
-    del groups, flat, s, loss  # frees the clones and the graph before the curves are filled
-    scale = {"theta": -1.0, "pre": -float(B), "state": -float(B)}
-    curves = {key: [torch.zeros(K, *sh, dtype=x.dtype, device=x.device) for sh in shapes[key]]
-              for key in shapes}
-    pos = 0
-    for key, t in order:
-        for i in range(len(shapes[key])):
-            if grads[pos] is not None:  # None: step t does not reach ℓ through this tensor
-                curves[key][i][K - 1 - t] = scale[key] * grads[pos]
-            grads[pos] = None
-            pos += 1
-    return s0, curves["theta"], curves["pre"], curves["state"]
+    del pre, state, flat, s, loss  # frees the graph
+    grads = [torch.zeros_like(v) if gr is None else gr  # None: the tensor does not reach ℓ
+             for v, gr in zip([v for step in inputs for v in step] * 2, grads)]
+    n = len(model.init_states(1, x.device, x.dtype))
+    delta = [grads[t * n:(t + 1) * n] for t in range(K)]
+    dstate = [grads[(K + t) * n:(K + t + 1) * n] for t in range(K)]
+    del grads
+    entries = entries or [None] * len(model.params())
+    theta = None
+    for t in range(K):
+        s_t, d_t = inputs[t], delta[t]
+        plus, minus = [a + b for a, b in zip(s_t, d_t)], [a - b for a, b in zip(s_t, d_t)]
+        h = [_take(v, e) for v, e in zip(model.hebbian(x, plus, minus), entries)]
+        if theta is None:
+            theta = [torch.zeros(K, *v.shape, dtype=v.dtype, device=v.device) for v in h]
+        for out, v in zip(theta, h):
+            out[K - 1 - t] = v.mul_(-B / 2)
+    stack = lambda per_step: [torch.stack([per_step[K - 1 - k][i] for k in range(K)]) for i in range(n)]
+    return s0, theta, [c.mul_(-float(B)) for c in stack(delta)], [c.mul_(-float(B)) for c in stack(dstate)]
+
+
+def _take(v, entries):
+    """The chosen flat entries of v (all of v when entries is None)."""
+    return v if entries is None else v.flatten()[entries]
 
 
 @torch.no_grad()
-def _nudged_increments(model, x, y, s0, K, beta):
+def _nudged_increments(model, x, y, s0, K, beta, entries=None):
     """From s⁰, K nudged steps with β: per-step EP increments of every parameter,
     [∂Φ/∂θ(s_{k}) − ∂Φ/∂θ(s_{k−1})]/β, and of every neuron layer, (s_k − s_{k−1})/β."""
     drive, keys = model.precompute(x)
-    s, h = s0, model.hebbian(x, s0)
-    dtheta = [torch.empty(K, *v.shape, dtype=v.dtype, device=v.device) for v in h]
+    entries = entries or [None] * len(model.params())
+    s = s0
+    dtheta = [torch.empty(K, *_take(p, e).shape, dtype=s0[0].dtype, device=s0[0].device)
+              for p, e in zip(model.params(), entries)]
     dstate = [torch.empty(K, *v.shape, dtype=v.dtype, device=v.device) for v in s0]
     for k in range(K):
         new = model.step(s, drive, keys, beta, y)
-        h_new = model.hebbian(x, new)
-        for out, a, b in zip(dtheta, h_new, h):
-            torch.sub(a, b, out=out[k]).div_(beta)
+        for out, h, e in zip(dtheta, model.hebbian(x, new, s), entries):  # ∂Φ/∂θ(s_k) − ∂Φ/∂θ(s_{k−1})
+            out[k] = _take(h, e).div_(beta)
         for out, a, b in zip(dstate, new, s):
             torch.sub(a, b, out=out[k]).div_(beta)
-        s, h = new, h_new
+        s = new
     mu.check_finite(s, f"GDU nudged (beta={beta:g})")
     return dtheta, dstate
 
 
-def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64):
+def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64, max_entries=None, seed=0):
     """Per-step EP increments and BPTT gradients over K steps, all as estimates of −∂ℓ/∂θ
     (SPEC §3), computed in `dtype` on a deep copy of the model.
 
@@ -118,13 +133,14 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64):
     at s⁰: max over layers of ‖Δs‖∞/‖s‖∞, as relax's tol; the theorem needs it ≪ β), T, K, beta,
     betas ([0, β]: free and nudged phase), thirdphase, dtype, batch_size.
 
+    max_entries: follow at most this many entries of each parameter tensor (a fixed random
+    subset drawn with `seed`; result["entries"] holds their flat indices, result["shapes"] the
+    full shapes); the metrics are then estimates over that subset. None: every entry.
+
     Cost (what `--check-thm` pays per call): T + K steps (T + 2K with thirdphase), one backward
-    through K steps and 2K Hebbian terms, in `dtype` — about two EP training steps. Memory peaks
-    at (2 + 2·thirdphase)·K·|θ| numbers (the stored per-step curves; during the backward, the K
-    parameter clones and their gradients) plus O(K·|s|) for the states. Measured on 2 CPU
-    threads, float64, B = 16, T = 60, K = 30: SNLI L=25, D=32, 400 3 (1.3M parameters) ≈ 10 s
-    and 1.9 GB; tiny test models well under a second. For paper-size IMDB (a 1000 × 180000 first
-    FC layer, 1.4 GB per float64 copy) that is ~170 GB: run it on smaller models.
+    through K steps and 4K Hebbian terms, in `dtype` — about two EP training steps. Memory: the
+    stored per-step curves, (2 + 2·thirdphase)·K numbers per followed parameter entry, plus
+    O(K·|s|) for the states of the backward (no per-step parameter copies).
     """
     if not 0 < K <= T:
         raise ValueError(f"the GDU check needs 0 < K <= T, got T={T}, K={K}")
@@ -136,7 +152,11 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64):
     device = next(model.parameters()).device
     x, y = x.to(device=device, dtype=dtype), y.to(device)
 
-    s0, bptt_theta, bptt_pre, bptt_state = _free_phase_with_graph(model, x, y, T, K)
+    gen = torch.Generator().manual_seed(seed)
+    entries = [None if max_entries is None or p.numel() <= max_entries else
+               torch.randperm(p.numel(), generator=gen)[:max_entries].sort().values.to(device)
+               for p in model.params()]
+    s0, bptt_theta, bptt_pre, bptt_state = _free_phase_with_graph(model, x, y, T, K, entries)
     with torch.no_grad():
         drive, keys = model.precompute(x)
         residual = max(((a - b).abs().max() / (a.abs().max() + 1e-12)).item()
@@ -148,13 +168,15 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64):
         "names": names, "kinds": ["param"] * len(pnames) + ["neuron"] * len(snames),
         "bptt": as_dict(bptt_theta, bptt_pre),
         "bptt_state_grads": {n: v.cpu() for n, v in zip(snames, bptt_state)},
-        "ep_pos": as_dict(*_nudged_increments(model, x, y, s0, K, beta)),
+        "ep_pos": as_dict(*_nudged_increments(model, x, y, s0, K, beta, entries)),
+        "entries": {n: e.cpu() for n, e in zip(pnames, entries) if e is not None},
+        "shapes": {n: tuple(p.shape) for n, p in zip(pnames, model.params())},
         "free_residual": residual, "T": int(T), "K": int(K), "beta": float(beta),
         "betas": [0.0, float(beta)], "thirdphase": bool(thirdphase),
         "dtype": str(dtype).replace("torch.", ""), "batch_size": int(x.shape[0]),
     }
     if thirdphase:
-        result["ep_neg"] = as_dict(*_nudged_increments(model, x, y, s0, K, -beta))
+        result["ep_neg"] = as_dict(*_nudged_increments(model, x, y, s0, K, -beta, entries))
         result["ep_sym"] = {n: (result["ep_pos"][n] + result["ep_neg"][n]) / 2 for n in names}
     return result
 
@@ -205,6 +227,8 @@ def gdu_metrics(result):
         m["sign_agreement_one_sided"] = sign_agreement(result["ep_pos"][name], bptt)
         if result["thirdphase"]:
             m["sign_agreement_symmetric"] = sign_agreement(result["ep_sym"][name], bptt)
+        if name in result.get("entries", {}):
+            m["entries_followed"] = len(result["entries"][name])
         layers[name] = m
     return {"layers": layers, "T": result["T"], "K": result["K"], "betas": list(result["betas"])}
 
@@ -295,12 +319,14 @@ def plot_gdu(result, out_dir, n_entries=5, seed=0):
         if kind != "param":
             continue
         entries = _pick_entries(result, name, n_entries, seed)
-        shape = tuple(result["bptt"][name].shape[1:])
+        shape = tuple(result.get("shapes", {}).get(name, result["bptt"][name].shape[1:]))
+        chosen = result.get("entries", {}).get(name)  # a followed subset: map back to the tensor
         fig = _figure(figsize=(3.2 * len(entries), 3.4), constrained_layout=True)
         axes = fig.subplots(1, len(entries), squeeze=False)[0]
         for ax, idx in zip(axes, entries):
             _draw_entry(ax, result, name, idx)
-            ax.set_title(f"{name}{list(_unravel(idx, shape))}", fontsize=9)
+            flat = idx if chosen is None else int(chosen[idx])
+            ax.set_title(f"{name}{list(_unravel(flat, shape))}", fontsize=9)
             ax.set_xlabel("nudged step k  (↔ k-th-to-last free step)")
         axes[0].set_ylabel("cumulative estimate of −∂ℓ/∂θ")
         axes[0].legend(fontsize=7)
@@ -468,7 +494,11 @@ def run_gducheck(model, x, y, args, out_dir, log=print):
     os.makedirs(out_dir, exist_ok=True)
     trace = convergence_trace(model, x, args.T, dtype=dtype)
     log(format_convergence(trace))
-    result = gdu_check(model, x, y, args.T, args.K, beta2, args.thirdphase, dtype)
+    result = gdu_check(model, x, y, args.T, args.K, beta2, args.thirdphase, dtype,
+                       max_entries_of(args))
+    if result["entries"]:
+        log("GDU check follows a random subset of the largest tensors: " + ", ".join(
+            f"{n} {len(e):,} of {math.prod(result['shapes'][n]):,} entries" for n, e in result["entries"].items()))
     metrics = gdu_metrics(result)
     log(format_table(metrics))
     path = os.path.join(out_dir, "gdu_metrics.json")
@@ -481,6 +511,13 @@ def run_gducheck(model, x, y, args, out_dir, log=print):
     return metrics
 
 
+def max_entries_of(args):
+    n = getattr(args, "gdu_max_entries", 0)
+    if n is not None and n < 0:
+        raise ValueError(f"--gdu-max-entries must be >= 0 (0 = all), got {n}")
+    return n or None
+
+
 def add_gdu_args(parser):
     """The GDU check's flags: --gdu-dtype (float64 default) and --gdu-samples (16)."""
     parser.add_argument("--gdu-dtype", choices=sorted(DTYPES), default="float64",
@@ -488,4 +525,7 @@ def add_gdu_args(parser):
                              "float32 loses the small-gradient layers)")
     parser.add_argument("--gdu-samples", type=int, default=16,
                         help="number of test samples the GDU check runs on")
+    parser.add_argument("--gdu-max-entries", type=int, default=1_000_000,
+                        help="follow at most this many (random, fixed) entries of each parameter "
+                             "tensor, which bounds memory on big layers; 0 = all (default 1000000)")
     return parser

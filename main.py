@@ -547,7 +547,7 @@ def check_theorem(model, split, embeddings, args, epoch, log):
     x = mu.embed(embeddings, split.ids[:n].to(embeddings.device), next(model.parameters()).dtype)
     metrics = gdu.gdu_metrics(gdu.gdu_check(model, x, split.labels[:n].to(embeddings.device),
                                             args.T, args.K, args.betas[1], args.thirdphase,
-                                            getattr(torch, args.gdu_dtype)))
+                                            getattr(torch, args.gdu_dtype), gdu.max_entries_of(args)))
     key = "rel_rmse_symmetric" if args.thirdphase else "rel_rmse_one_sided"
     worst = max(metrics["layers"].items(), key=lambda kv: kv[1][key])
     log(f"GDU check after epoch {epoch}: worst {key} {worst[1][key]:.3g} ({worst[0]})")

@@ -3,6 +3,7 @@ point, the symmetric estimate is the better one, the linear-time BPTT equals its
 and the gducheck entry writes its metrics and plots."""
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -190,3 +191,19 @@ def test_run_gducheck_without_save_writes_only_json(tmp_path):
     gdu.run_gducheck(model, x, y, args_for(gdu_dtype="float32"), str(tmp_path / "r"),
                      log=lambda s: None)
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["gdu_metrics.json"]
+
+
+def test_following_a_subset_of_entries_equals_the_full_check_there(tmp_path):
+    model, x, y = tiny("SNLI")
+    full = gdu.gdu_check(model, x, y, T=10, K=4, beta=0.01)
+    part = gdu.gdu_check(model, x, y, T=10, K=4, beta=0.01, max_entries=20)
+    big = [n for n in model.param_names() if math.prod(full["shapes"][n]) > 20]
+    assert big and sorted(part["entries"]) == sorted(big) and not full["entries"]
+    for name in big:
+        idx = part["entries"][name]
+        assert len(idx) == 20
+        for key in ("bptt", "ep_pos", "ep_neg", "ep_sym"):
+            torch.testing.assert_close(part[key][name], full[key][name].flatten(1)[:, idx])
+    metrics = gdu.gdu_metrics(part)
+    assert metrics["layers"][big[0]]["entries_followed"] == 20
+    assert gdu.plot_gdu(part, tmp_path)  # titles map subset entries back to tensor indices
