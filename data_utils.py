@@ -902,9 +902,11 @@ def _fit_word2vec(corpus_docs, dim, log):
 
 
 def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seqlearn-ep',
-                  imdb_source='auto', log=print):
+                  imdb_source='auto', log=print, norm=None):
     """word2vec vectors trained on the training texts of several datasets (IMDB: train+unsup,
-    SNLI: train), written as .npz (words, float32 vectors) for --embeddings OUT.npz."""
+    SNLI: train), written as .npz (words, float32 vectors) for --embeddings OUT.npz.
+    norm: rescale every vector to this L2 norm (word2vec gives frequent words norms of 10-30,
+    which turn the Hopfield attention into a hard max on them)."""
     data_dir, cache_dir = Path(data_dir).expanduser(), Path(cache_dir).expanduser()
     corpus_docs = []
     for dataset in datasets:
@@ -917,6 +919,8 @@ def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seq
     model = _fit_word2vec(corpus_docs, dim, log)
     words = np.array(model.wv.index_to_key, dtype=str)
     vectors = np.asarray(model.wv.vectors, dtype=np.float32)
+    if norm is not None:
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12) * norm
     write_atomic(out, lambda f: np.savez(f, words=words, vectors=vectors))
     log(f'embeddings: wrote {len(words):,} {dim}-d word2vec vectors to {out}')
     return Path(out)
@@ -1152,6 +1156,8 @@ def main(argv=None) -> int:
     v.add_argument('--corpus', nargs='+', default=['IMDB', 'SNLI'], choices=DATASETS,
                    help='datasets whose training texts (IMDB: train+unsup) feed --train-vectors')
     v.add_argument('--vector-dim', type=int, default=300, help='size of the --train-vectors vectors')
+    v.add_argument('--vector-norm', type=float, default=None,
+                   help='rescale every --train-vectors vector to this L2 norm (default: as trained)')
     args = parser.parse_args(argv)
     if args.train_vectors is None and args.dataset is None:
         parser.error('give --dataset (prepare a dataset) or --train-vectors OUT.npz')
@@ -1162,8 +1168,10 @@ def main(argv=None) -> int:
                 raise DataError(f'--vector-dim must be between 1 and 4096 (got {args.vector_dim})')
             if not args.train_vectors.endswith('.npz'):
                 raise DataError(f'--train-vectors must name a .npz file (got {args.train_vectors})')
+            if args.vector_norm is not None and not args.vector_norm > 0:
+                raise DataError(f'--vector-norm must be positive (got {args.vector_norm})')
             train_vectors(args.corpus, args.vector_dim, args.train_vectors, args.data_dir,
-                          args.cache_dir, args.imdb_source, log)
+                          args.cache_dir, args.imdb_source, log, args.vector_norm)
             return 0
         data = load_data(args, log=log)
     except (DataError, OSError) as e:

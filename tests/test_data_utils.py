@@ -666,3 +666,19 @@ def test_shared_imdb(shared_cache):
     assert data.train.ids.shape[1] == 600 and data.test.labels.bincount().tolist() == [12500, 12500]
     again = du.load_data(shared_args('IMDB', shared_cache, 600), log=quiet)
     assert again.info['cache']['hit'] and again.info['seconds'] < 5
+
+
+def test_train_vectors_on_a_corpus_writes_unit_norm_npz_that_loads(tiny_imdb):
+    out = tiny_imdb["tmp"] / "w2v.npz"
+    argv = ["--train-vectors", str(out), "--corpus", "IMDB", "--vector-dim", "8", "--vector-norm", "1",
+            "--data-dir", str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]
+    assert du.main(argv) == 0
+    with np.load(out) as z:
+        words, vectors = z["words"], z["vectors"]
+    assert vectors.shape == (len(words), 8) and "good" in set(words.tolist())
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    args = argparse.Namespace(dataset="IMDB", data_dir=str(tiny_imdb["data"]), embeddings=str(out),
+                              cache_dir=str(tiny_imdb["cache"]), seqLen=8)
+    assert du.load_data(args, log=lambda m: None).embed_dim == 8
+    assert du.main(argv[:2] + ["--vector-norm", "0"]) == 2          # one clear line, exit 2
+    assert du.main(["--train-vectors", "w2v.txt"]) == 2
