@@ -87,6 +87,9 @@ def build_parser():
            "nudged phases and Hebbian updates stay in --dtype")
     a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
     a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
+    a("--no-tf32", dest="tf32", action="store_false",
+      help="CUDA: train with full float32 matmuls (default: TF32 in training; evaluation, export, "
+           "predict and the GDU check always use full float32)")
     a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
     a("--results-dir", dest="results_dir",
       help="run folder (default results/<dataset>/<date>/<time>_gpu<device>/)")
@@ -752,6 +755,9 @@ def main(argv=None):
             args.device_obj, who = args.dist.device, f"[rank {args.dist.rank}] "
         else:
             args.device_obj = pick_device(args.device, log)
+        if args.device_obj.type == "cuda":  # TF32 only where speed matters more than the last bits
+            tf32 = args.tf32 and args.execute == "train"
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict,
                "export": export}[args.execute]
         return run(args, log)
