@@ -1,0 +1,59 @@
+"""The shipped checkpoints in saved_models/: complete, small, loadable safely, and (with the real
+data under ../shared/data and SEQLEARN_EP_SLOW=1) reproducing their recorded test accuracy."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT
+
+SAVED = ROOT / "saved_models"
+FOLDERS = sorted(p for p in SAVED.glob("test_*") if p.is_dir()) if SAVED.is_dir() else []
+SHARED_DATA = ROOT / ".." / "shared" / "data"
+RUN_SLOW = os.environ.get("SEQLEARN_EP_SLOW") == "1"
+
+
+def test_the_seed_readme_folder_ships():
+    names = [p.name for p in FOLDERS]
+    assert "test_SNLI_25_300" in names and any(n.startswith("test_IMDB_") for n in names)
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_shipped_folder_is_complete_small_and_loads_safely(folder):
+    files = {p.name for p in folder.iterdir()}
+    assert {"best_model.pt", "config.json", "command.txt", "metrics.json", "accuracy.png",
+            "embeddings.npz"} <= files
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 50 * 2**20
+    ckpt = main.load_checkpoint(str(folder / "best_model.pt"))   # weights_only=True
+    model = main.restore_model(ckpt, str(folder))
+    dataset, seq_len, dim = folder.name.split("_")[1:]
+    cfg = ckpt["config"]["model"]
+    assert (cfg["dataset"], cfg["seq_len"], cfg["embed_dim"]) == (dataset, int(seq_len), int(dim))
+    if dataset == "SNLI":
+        assert cfg["fc_layers"] == [400, 3]          # the paper's SNLI architecture
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0 < metrics["test_accuracy"] < 1 and metrics["val_acc"]
+    hyper = ckpt["config"]["hyper"]
+    assert hyper["alg"] == "EP" and hyper["thirdphase"] is True
+    assert "--thirdphase" in (folder / "command.txt").read_text()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN_SLOW, reason="slow (minutes): set SEQLEARN_EP_SLOW=1")
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_shipped_checkpoint_reproduces_its_recorded_test_accuracy(folder):
+    dataset = folder.name.split("_")[1]
+    if not (SHARED_DATA / dataset.lower()).is_dir():
+        pytest.skip(f"../shared/data/{dataset.lower()} absent")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    res = subprocess.run([sys.executable, str(ROOT / "main.py"), "--execute", "test", "--load-path", str(folder),
+                          "--data-dir", str(SHARED_DATA)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_correct']}/"
+            f"{metrics['test_samples']} correct") in res.stdout + res.stderr
