@@ -73,20 +73,17 @@ def _free_phase_with_graph(model, x, y, T, K, entries=None):
     del pre, state, flat, s, loss  # frees the graph
     grads = [torch.zeros_like(v) if gr is None else gr  # None: the tensor does not reach ℓ
              for v, gr in zip([v for step in inputs for v in step] * 2, grads)]
-    n = len(model.init_states(1, x.device, x.dtype))
+    n = len(inputs[0])  # neuron layers
     delta = [grads[t * n:(t + 1) * n] for t in range(K)]
     dstate = [grads[(K + t) * n:(K + t + 1) * n] for t in range(K)]
     del grads
     entries = entries or [None] * len(model.params())
-    theta = None
+    theta = _param_curves(model, entries, K, x)
     for t in range(K):
         s_t, d_t = inputs[t], delta[t]
         plus, minus = [a + b for a, b in zip(s_t, d_t)], [a - b for a, b in zip(s_t, d_t)]
-        h = [_take(v, e) for v, e in zip(model.hebbian(x, plus, minus), entries)]
-        if theta is None:
-            theta = [torch.zeros(K, *v.shape, dtype=v.dtype, device=v.device) for v in h]
-        for out, v in zip(theta, h):
-            out[K - 1 - t] = v.mul_(-B / 2)
+        for out, h, e in zip(theta, model.hebbian(x, plus, minus), entries):
+            out[K - 1 - t] = _take(h, e).mul_(-B / 2)
     stack = lambda per_step: [torch.stack([per_step[K - 1 - k][i] for k in range(K)]) for i in range(n)]
     return s0, theta, [c.mul_(-float(B)) for c in stack(delta)], [c.mul_(-float(B)) for c in stack(dstate)]
 
@@ -96,6 +93,12 @@ def _take(v, entries):
     return v if entries is None else v.flatten()[entries]
 
 
+def _param_curves(model, entries, K, like):
+    """Per-step buffers [K, *followed shape] for every parameter, in like's dtype and device."""
+    return [torch.zeros(K, *(p.shape if e is None else e.shape), dtype=like.dtype, device=like.device)
+            for p, e in zip(model.params(), entries)]
+
+
 @torch.no_grad()
 def _nudged_increments(model, x, y, s0, K, beta, entries=None):
     """From s⁰, K nudged steps with β: per-step EP increments of every parameter,
@@ -103,8 +106,7 @@ def _nudged_increments(model, x, y, s0, K, beta, entries=None):
     drive, keys = model.precompute(x)
     entries = entries or [None] * len(model.params())
     s = s0
-    dtheta = [torch.empty(K, *_take(p, e).shape, dtype=s0[0].dtype, device=s0[0].device)
-              for p, e in zip(model.params(), entries)]
+    dtheta = _param_curves(model, entries, K, s0[0])
     dstate = [torch.empty(K, *v.shape, dtype=v.dtype, device=v.device) for v in s0]
     for k in range(K):
         new = model.step(s, drive, keys, beta, y)
