@@ -911,10 +911,8 @@ def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seq
     corpus_docs = []
     for dataset in datasets:
         dataset = _dataset_name(dataset)
-        source = _find_imdb(data_dir, cache_dir, imdb_source, log) if dataset == 'IMDB' \
-            else _find_snli(data_dir, cache_dir, log)
-        key = _hash([TOKENS_VERSION, dataset, source.kind, source.info])
-        tokens = _load_tokens(dataset, source, cache_dir / 'tokens' / f'{dataset}-{key}.pt', log)
+        source = _find_source(dataset, data_dir, cache_dir, imdb_source, log)
+        tokens = _load_tokens(dataset, source, _tokens_key_path(dataset, source, cache_dir)[1], log)
         corpus_docs += [(tokens, s) for s in ('train', 'unsup') if s in tokens['splits']]
     model = _fit_word2vec(corpus_docs, dim, log)
     words = np.array(model.wv.index_to_key, dtype=str)
@@ -1025,6 +1023,17 @@ def _arg(args, name, default=None):
     return default if value is None else value
 
 
+def _find_source(dataset, data_dir: Path, cache_dir: Path, imdb_source, log) -> _Source:
+    return _find_imdb(data_dir, cache_dir, imdb_source, log) if dataset == 'IMDB' \
+        else _find_snli(data_dir, cache_dir, log)
+
+
+def _tokens_key_path(dataset, source, cache_dir: Path):
+    """Cache key and file of a source's tokenized splits."""
+    key = _hash([TOKENS_VERSION, dataset, source.kind, source.info])
+    return key, cache_dir / 'tokens' / f'{dataset}-{key}.pt'
+
+
 def _load_tokens(dataset, source, tokens_path, log):
     """The tokenized splits of a source, from the cache or read and tokenized now (then cached)."""
     tokens = _load_cache(tokens_path, log)
@@ -1054,17 +1063,13 @@ def load_data(args, log=print) -> Data:
     data_dir = Path(_arg(args, 'data_dir', './data')).expanduser()
     cache_dir = Path(_arg(args, 'cache_dir', os.environ.get(CACHE_ENV) or '~/.cache/seqlearn-ep')).expanduser()
 
-    if dataset == 'IMDB':
-        source = _find_imdb(data_dir, cache_dir, _arg(args, 'imdb_source', 'auto'), log)
-    else:
-        source = _find_snli(data_dir, cache_dir, log)
+    source = _find_source(dataset, data_dir, cache_dir, _arg(args, 'imdb_source', 'auto'), log)
     for w in source.warnings:
         log(w)
     emb = _resolve_embeddings(_arg(args, 'embeddings', 'auto'), log)
 
-    tokens_key = _hash([TOKENS_VERSION, dataset, source.kind, source.info])
+    tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir)
     prepared_key = _hash([PREPARED_VERSION, tokens_key, emb.identity, seq_len])
-    tokens_path = cache_dir / 'tokens' / f'{dataset}-{tokens_key}.pt'
     prepared_path = cache_dir / 'prepared' / f'{dataset}-{prepared_key}-L{seq_len}.pt'
 
     prepared = _load_cache(prepared_path, log)
