@@ -574,13 +574,18 @@ def test(args, log):
     if args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)
     data = load_data(args, log)
-    model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
-    embeddings = data.embeddings.to(args.device_obj)
-    acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
-                      torch.bfloat16 if args.bf16 else None, args.dist)
+    acc = test_accuracy(args, ckpt, path, data)
     log(f"test accuracy {acc:.4f} ({round(acc * len(data.test))}/{len(data.test)} correct, "
         f"T={args.T}, {path})")
     return 0
+
+
+def test_accuracy(args, ckpt, path, data):
+    """Accuracy of a checkpoint's weights on data.test with the evaluation flags (--T,
+    --batch_size, --tol, --bf16, --dtype), sharded across ranks under torchrun."""
+    model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
+    return mu.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
+                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist)
 
 
 def gducheck(args, log):
@@ -661,10 +666,7 @@ def export(args, log):
     if bad:
         raise UsageError(f"weights {', '.join(bad)} overflow {args.weights_dtype}; export with "
                          f"--weights-dtype bfloat16 or float32")
-    model = restore_model({**ckpt, "model": state}, path).to(args.device_obj, getattr(torch, args.dtype))
-    embeddings = data.embeddings.to(args.device_obj)
-    acc = mu.evaluate(model, data.test, embeddings, args.T, args.batch_size, args.tol, "test",
-                      torch.bfloat16 if args.bf16 else None)
+    acc = test_accuracy(args, {**ckpt, "model": state}, path, data)
     correct = round(acc * len(data.test))
     run_metrics_path = os.path.join(args.load_path, "metrics.json")
     try:
