@@ -8,8 +8,16 @@
 Prints ONE JSON line. Times are the best of `--batches` timed batches after one warm-up
 (the machines are shared, so the best batch is the least disturbed one); the median is there
 too. `--reference` times the original implementation's cost instead of the fast path: Φ
-recomputed and differentiated with autograd at every step. `--compare` times both,
-alternating batch by batch, and adds `reference` and `speedup_vs_reference`. `--roofline`
+recomputed and differentiated with autograd at every step, float32, fixed T and K.
+`--compare` times both, alternating batch by batch, the fast path with the speed options
+given (`--tol`, `--bf16`, `--compile`) against that reference, and adds `reference` and
+`speedup_vs_reference`. `--load-path RUN` times on real data: the run's trained weights and
+its training samples (`--tol` steps depend on both), e.g.
+
+    python benchmark.py --load-path results/RUN --data-dir data --T 50 --K 25 \
+        --betas 0 0.2 --batch_size 100 --thirdphase --tol 1e-3 --compare
+
+`--roofline`
 also times `torch.matmul` on the shapes one step multiplies (each FC layer forward
 [B, n_in]x[n_in, n_out], its transpose feedback [B, n_out]x[n_out, n_in], and the two
 attention bmm) back to back, between the batches, and reports the useful matmul GFLOP/s of
@@ -17,7 +25,9 @@ the training step against it (`roofline_fraction`); `kernel_roofline_*` is the s
 kernel the fast path calls (model_utils.linear: oneDNN on CPU, about twice MKL on AMD).
 `--bf16` runs the free phase in bfloat16 (ep_gradients' free_dtype) and reports the relative
 error of each parameter's EP gradient against float32 (`bf16_grad_rel_err`); `--tol` stops
-each phase early (`free_steps`, `nudged_steps`: steps used on average).
+each phase early (`free_steps`, `nudged_steps`: steps used on average). `--compile`
+compiles the step with torch.compile (the first batch pays the compile). BPTT:
+`--bptt-checkpoint C` recomputes the K recorded steps in segments of C (peak memory).
 Bad flags or values: one line on stderr, exit code 2.
 
 On a shared machine run it (and main.py) with OMP_WAIT_POLICY=PASSIVE: with other busy
@@ -84,10 +94,18 @@ def parse_args(argv=None):
     a("--bf16", action="store_true",
       help="bfloat16 free phase (nudged phases and Hebbian in float32); reports gradient fidelity")
     a("--tol", type=positive(float), help="early stopping tolerance of each phase")
+    a("--compile", action="store_true", help="torch.compile the step of the dynamics")
+    a("--bptt-checkpoint", type=int, default=0, metavar="C",
+      help="BPTT: activation checkpointing in segments of C steps (0 = off)")
+    a("--load-path", help="time on real data: a run folder of main.py (its trained weights, "
+      "architecture and training data); the model flags then come from the run")
+    a("--data-dir", default="data", help="with --load-path: where the datasets are")
+    a("--cache-dir", help="with --load-path: main.py's data cache (default: main.py's)")
     a("--roofline", action="store_true", help="also time torch.matmul of the step's shapes")
     a("--threads", type=positive(int), help="torch threads (default: torch's choice)")
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.data = load_run(args, p) if args.load_path else None
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -98,11 +116,41 @@ def parse_args(argv=None):
         p.error(f"BPTT needs K <= T, got K={args.K} > T={args.T}")
     if args.alg == "EP" and args.betas[1] == (-args.betas[1] if args.thirdphase else args.betas[0]):
         p.error("--betas: the nudged beta must differ from the free one (and be non-zero with --thirdphase)")
-    if (args.reference or args.compare) and (args.bf16 or args.alg == "BPTT"):
-        p.error("--reference/--compare time the float EP dynamics: drop --bf16 and --alg BPTT")
+    if (args.reference or args.compare) and args.alg == "BPTT":
+        p.error("--reference/--compare time the original EP dynamics: drop --alg BPTT")
+    if args.reference and (args.bf16 or args.tol or args.compile):
+        p.error("--reference times the original dynamics (float, fixed T and K, autograd per step): "
+                "drop --bf16, --tol and --compile, or use --compare to set them against it")
+    if args.bptt_checkpoint < 0:
+        p.error(f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}")
     if args.bf16 and (args.alg == "BPTT" or args.dtype != "float32"):
         p.error("--bf16 applies to EP with a float32 model")
     return args
+
+
+def load_run(args, parser):
+    """--load-path: the run's trained weights, architecture and training split (as main.py's
+    `test` loads them). Sets the architecture flags; returns dict(state, split, embeddings)."""
+    import main as cli
+    try:
+        path = cli.find_checkpoint(args.load_path, ["best_model.pt", "final_model.pt", "checkpoint.pt"])
+        ckpt = cli.load_checkpoint(path)
+        run = cli.build_parser().parse_args(["--load-path", args.load_path, "--data-dir", args.data_dir]
+                                            + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
+        cli.resolve(run, ckpt["config"])
+        run.embeddings = cli.run_embeddings(args.load_path) or run.embeddings
+        data = cli.load_data(run, log=lambda msg: print(msg, file=sys.stderr))
+    except (cli.UsageError, cli.data_utils.DataError) as e:
+        parser.error(str(e))
+    arch = ckpt["config"]["model"]
+    given = {"seqLen": args.seqLen, "fc_layers": args.fc_layers}
+    args.dataset, args.seqLen, args.fc_layers = arch["dataset"], arch["seq_len"], arch["fc_layers"]
+    args.embed_dim, args.act, args.gamma = arch["embed_dim"], arch["act"], arch["gamma"]
+    for flag, value in given.items():
+        if value is not None and value != getattr(args, flag):
+            parser.error(f"--{flag} {value} conflicts with the run's model ({getattr(args, flag)})")
+    return {"state": cli.restore_model(ckpt, path).state_dict(), "split": data.train,
+            "embeddings": data.embeddings, "order": torch.randperm(len(data.train))}
 
 
 def pick_device(spec):
@@ -161,7 +209,15 @@ def peak_mb(device):
 
 
 def random_batch(model, args, device, dtype, gen):
+    """The next batch: random inputs, or with --load-path the run's training samples in a
+    fixed random order (wrapping around)."""
     B, L, D = args.batch_size, model.L, model.D
+    if args.data is not None:
+        d = args.data
+        args.cursor = getattr(args, "cursor", -B) + B
+        idx = d["order"][torch.arange(args.cursor, args.cursor + B) % len(d["order"])]
+        x = mu.embed(d["embeddings"], d["split"].ids[idx], dtype)
+        return x.to(device), d["split"].labels[idx].to(device)
     shape = (B, L, D) if model.P == 1 else (B, 2, L, D)
     x = 0.15 * torch.randn(shape, generator=gen, dtype=dtype)  # word2vec-like scale
     y = torch.randint(0, model.n_classes, (B,), generator=gen)
@@ -171,11 +227,14 @@ def random_batch(model, args, device, dtype, gen):
 def train_step(model, opt, x, y, args, reference):
     """One training step as train_epoch does it; returns the per-phase seconds and steps."""
     clock = mu.Clock(x.device)
-    if args.alg == "EP":
+    if reference:  # the original: fixed T and K, model dtype, autograd of Φ at every step
         _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
-                                  args.tol, torch.bfloat16 if args.bf16 else None, reference)
+                                  reference=True)
+    elif args.alg == "EP":
+        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
+                                  args.tol, torch.bfloat16 if args.bf16 else None)
     else:
-        _, info = mu.bptt_gradients(model, x, y, args.T, args.K)
+        _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint)
     opt.step()
     total = clock()
     return dict(info, total_s=total, update_s=total - info["free_s"] - info["nudged_s"])
@@ -253,7 +312,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    model = mu.EPNet(args.dataset, args.seqLen, args.embed_dim, args.fc_layers, args.act).to(device, dtype)
+    model = mu.EPNet(args.dataset, args.seqLen, args.embed_dim, args.fc_layers, args.act,
+                     getattr(args, "gamma", None))
+    if args.data is not None:
+        model.load_state_dict(args.data["state"])
+    model = model.to(device, dtype)
+    if args.compile:
+        model.compile_step()
     opt = mu.make_optimizer(model, [1e-5] * model.n_synapse_layers)
     gen = torch.Generator().manual_seed(args.seed)
     modes = [False, True] if args.compare else [args.reference]
@@ -276,7 +341,9 @@ def main(argv=None):
                 "dtype": "bfloat16 free phase" if args.bf16 else args.dtype, "device": str(device),
                 "threads": torch.get_num_threads(), "alg": args.alg,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-                "dynamics": "reference" if args.reference else "fast",
+                "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
+                "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint,
+                "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,
                 "step_gflop": step_flops(model, args.batch_size) / 1e9,
                 "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)],

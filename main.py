@@ -85,6 +85,11 @@ def build_parser():
     a("--bf16", action="store_true", default=None,
       help="EP: run the free phase and evaluation in bfloat16 (CPUs with AVX512-BF16, CUDA); "
            "nudged phases and Hebbian updates stay in --dtype")
+    a("--compile", action="store_true",
+      help="torch.compile the step of the dynamics (train and test; first batches pay the compile)")
+    a("--bptt-checkpoint", dest="bptt_checkpoint", type=int, default=0, metavar="C",
+      help="BPTT: activation checkpointing, recompute the K recorded steps in segments of C "
+           "during backprop (memory ~ K/C + C steps instead of K; default 0 = off)")
     a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
     a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
     a("--no-tf32", dest="tf32", action="store_false",
@@ -180,6 +185,7 @@ def validate(args):
         (args.gamma is not None and args.gamma <= 0, f"--gamma must be positive, got {args.gamma}"),
         (args.tol is not None and args.tol <= 0, f"--tol must be positive, got {args.tol}"),
         (args.test_every < 0, f"--test-every must be >= 0, got {args.test_every}"),
+        (args.bptt_checkpoint < 0, f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}"),
     ]
     for bad, msg in checks:
         if bad:
@@ -392,6 +398,8 @@ def train(args, log):
                          f"has {data.embed_dim}-d vectors and {data.n_classes} classes (check --embeddings)")
     warn_memory(args, data.embed_dim, log)
     model = model.to(args.device_obj, dtype)
+    if args.compile:
+        model.compile_step()
     dist = args.dist
     if dist is not None:
         dist.broadcast_model(model)  # identical weights on every rank, whatever happened before
@@ -428,7 +436,7 @@ def train(args, log):
 
     hp = {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
           "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
-          "free_dtype": torch.bfloat16 if args.bf16 else None}
+          "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint}
     log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
@@ -584,6 +592,8 @@ def test_accuracy(args, ckpt, path, data):
     """Accuracy of a checkpoint's weights on data.test with the evaluation flags (--T,
     --batch_size, --tol, --bf16, --dtype), sharded across ranks under torchrun."""
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
+    if args.compile:
+        model.compile_step()
     return mu.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
                        args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist)
 

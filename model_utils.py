@@ -15,6 +15,7 @@ import math
 import time
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -67,8 +68,9 @@ def linear(x, w, b=None, add=None):
     """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU in float32/bfloat16 without
     autograd this is oneDNN's kernel: it uses AVX-512 on every x86 CPU, where MKL (behind
     torch.matmul) may fall back to AVX2 (about 2x slower on AMD). Same dtype in, accumulation
-    and out as F.linear."""
-    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    and out as F.linear. Under torch.compile it is F.linear, left to the compiler."""
+    if (ONEDNN_LINEAR and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
             and w.dtype == x.dtype and _plain(x) and _plain(w)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         if add is None:
@@ -100,6 +102,7 @@ class EPNet(nn.Module):
         if gamma is None:
             gamma = DEFAULT_GAMMA[dataset] or 1.0 / math.sqrt(self.D)
         self.gamma = float(gamma)
+        self.compiled_step = None  # set by compile_step()
         self.proj = nn.ParameterList(
             [nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
         sizes = [self.P * self.L * self.D] + self.fc_layers
@@ -189,6 +192,12 @@ class EPNet(nn.Module):
         """One synchronous step of the dynamics, all layers updated from s(t)."""
         return self.update(self.grad_states(s, drive, beta, y, p), keys)
 
+    def compile_step(self, mode=None):
+        """Use torch.compile'd `step` in the dynamics from now on (`relax`); mode as in
+        torch.compile (None, "max-autotune", ...). Recompiles once per dtype and β sign."""
+        self.compiled_step = torch.compile(self.step, mode=mode, dynamic=False)
+        return self
+
     def step_reference(self, x, s, keys, beta=0.0, y=None):
         """The same step with ∂Φ/∂s from autograd of Φ: slow, for tests and benchmarks."""
         with torch.enable_grad():
@@ -233,9 +242,15 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
     state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
     `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
-    autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks)."""
+    autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks).
+    States in a low-precision dtype cannot resolve changes below its machine epsilon (they end
+    in a cycle of rounding flips, not a fixed point), so tol is at least that epsilon
+    (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7)."""
+    step = model.compiled_step or model.step
+    if tol is not None:
+        tol = max(tol, torch.finfo(s[0].dtype).eps)
     for t in range(steps):
-        new = model.step(s, drive, keys, beta, y, p) if x is None else \
+        new = step(s, drive, keys, beta, y, p) if x is None else \
             model.step_reference(x, s, keys, beta, y)
         if tol is not None and max(_rel_change(a, b) for a, b in zip(new, s)) < tol:
             return new, t + 1
@@ -310,8 +325,11 @@ class Clock:
         return self.last - last
 
 
-def bptt_gradients(model, x, y, T, K):
+def bptt_gradients(model, x, y, T, K, checkpoint=0):
     """T−K free steps without a graph, K recorded steps, backprop of ℓ (SPEC §2, BPTT).
+    checkpoint=c > 0: activation checkpointing, the K steps run in segments of c whose
+    insides are recomputed during backprop; memory then holds K/c segment boundaries plus
+    one segment's activations instead of all K steps (c ≈ √K is least), for one more forward.
     info: steps, and seconds without the graph (free_s) and with it plus backprop (nudged_s)."""
     clock = Clock(x.device)
     with torch.no_grad():
@@ -319,13 +337,25 @@ def bptt_gradients(model, x, y, T, K):
         s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)
     free_s = clock()
     drive, keys = model.precompute(x)
-    for _ in range(K):
-        s = model.step(s, drive, keys)
+    for start in range(0, K, checkpoint or K):
+        n = min(checkpoint or K, K - start)
+        if checkpoint:
+            s = list(torch.utils.checkpoint.checkpoint(_steps, model, n, drive, keys, *s,
+                                                       use_reentrant=False))
+        else:
+            s = _steps(model, n, drive, keys, *s)
     check_finite(s, "BPTT forward")
     model.zero_grad(set_to_none=True)
     mse_loss(s[-1], y).backward()
     return s[-1].detach(), {"free_steps": T, "nudged_steps": 0, "free_s": free_s,
                             "nudged_s": clock(), "hebbian_s": 0.0}
+
+
+def _steps(model, n, drive, keys, *s):
+    s = list(s)
+    for _ in range(n):
+        s = model.step(s, drive, keys)
+    return s
 
 
 def check_grads_finite(model):
@@ -360,7 +390,8 @@ def batches(n, batch_size, generator=None):
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None, dist=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol and optionally free_dtype (see ep_gradients). dist: a dist_utils.Dist
+    batch_size, tol and optionally free_dtype (see ep_gradients) and bptt_checkpoint (see
+    bptt_gradients). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
@@ -378,7 +409,7 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
                 out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
                                          hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"))
             else:
-                out, info = bptt_gradients(model, x, y, hp["T"], hp["K"])
+                out, info = bptt_gradients(model, x, y, hp["T"], hp["K"], hp.get("bptt_checkpoint", 0))
             correct += (out.argmax(1) == y).sum().item()
             free, nudged, nb = free + info["free_steps"], nudged + info["nudged_steps"], nb + 1
         if dist is not None:

@@ -1,6 +1,7 @@
 """benchmark.py runs and reports; the fast dynamics equal the autograd-per-step reference."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,3 +117,56 @@ def test_bf16_dynamics_stay_close_to_float32(dataset):
     emb, ids = x.reshape(-1, x.shape[-1]), torch.arange(x[..., 0].numel()).view(x.shape[:-1])
     preds = [mu.predict_outputs(model, ids, emb, 20, 4, free_dtype=dt) for dt in (None, torch.bfloat16)]
     torch.testing.assert_close(preds[1], preds[0], rtol=0.05, atol=0.03)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+def test_compiled_step_equals_eager(dataset):
+    """torch.compile'd dynamics (free and both nudged phases) give the eager states; the EP
+    gradients built on them agree."""
+    model, x, y = tiny(dataset, torch.float32, L=6, D=16, B=4)
+    runs = {}
+    for compiled in (False, True):
+        if compiled:
+            model.compile_step()
+        with torch.no_grad():
+            drive, keys = model.precompute(x)
+            s0, _ = mu.relax(model, model.init_states(4), drive, keys, 15)
+            runs[compiled] = [s0] + [mu.relax(model, s0, drive, keys, 8, b, y)[0] for b in (0.4, -0.4)]
+        mu.ep_gradients(model, x, y, 15, 8, (0.0, 0.4), True)
+        runs[compiled].append([p.grad.clone() for p in model.params()])
+    assert model.compiled_step is not None
+    for eager, comp in zip(runs[False], runs[True]):
+        for a, b in zip(comp, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("segment", [1, 3, 7, 10])
+def test_bptt_activation_checkpointing_gives_the_same_gradients(segment):
+    model, x, y = tiny("SNLI", torch.float64, L=5, D=8, B=3)
+    out, _ = mu.bptt_gradients(model, x, y, 12, 7)
+    plain = [p.grad.clone() for p in model.params()]
+    out_c, _ = mu.bptt_gradients(model, x, y, 12, 7, checkpoint=segment)
+    torch.testing.assert_close(out_c, out)
+    for p, g in zip(model.params(), plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+
+
+def test_low_precision_tolerance_is_floored_at_machine_epsilon():
+    """A tolerance below bfloat16's resolution is raised to its epsilon, not left unreachable."""
+    model, x, _ = tiny("IMDB", torch.float32, L=6, D=16, B=4)
+    with torch.no_grad():
+        drive, keys = [t.bfloat16() for t in model.precompute(x)]
+        p = [w.bfloat16() for w in model.params()]
+        s = [t.bfloat16() for t in model.init_states(4)]
+        _, floored = mu.relax(model, s, drive, keys, 200, tol=1e-9, p=p)
+        _, at_eps = mu.relax(model, s, drive, keys, 200, tol=torch.finfo(torch.bfloat16).eps, p=p)
+    assert floored == at_eps
+
+
+def test_benchmark_reference_refuses_speed_options():
+    import benchmark
+    for flag in (["--tol", "1e-3"], ["--compile"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(["--reference", *flag])

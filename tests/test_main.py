@@ -283,3 +283,37 @@ def test_export_stores_half_precision_weights_and_test_reproduces_its_accuracy(t
     assert f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_correct']}/" in capsys.readouterr().out
     # a second export into the same folder is refused without --overwrite
     assert main.main(["--execute", "export", "--load-path", str(run), "--results-dir", str(out), *data]) == 2
+
+
+def test_benchmark_times_a_trained_run_on_its_training_data(tiny_imdb):
+    """benchmark.py --load-path: the run's weights and samples, the fast path with --tol against
+    the original (float32, fixed T and K, autograd per step)."""
+    run = tiny_imdb["tmp"] / "run"
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(run))) == 0
+    bench = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), "--load-path", str(run), "--data-dir",
+         str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"]), "--T", "12", "--K", "6",
+         "--betas", "0", "0.5", "--thirdphase", "--batch_size", "10", "--batches", "2",
+         "--tol", "1e-4", "--compare"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert bench.returncode == 0, bench.stderr
+    out = json.loads(bench.stdout)
+    assert out["inputs"].startswith("training data of") and out["tol"] == 1e-4
+    assert out["reference"]["free_steps"] == 12 and out["reference"]["nudged_steps"] == 12
+    assert 1 <= out["free_steps"] <= 12 and out["speedup_vs_reference"] > 0
+    conflict = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark.py"), "--load-path", str(run), "--data-dir",
+         str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"]), "--seqLen", "9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert conflict.returncode == 2 and "conflicts" in conflict.stderr
+
+
+def test_bptt_with_activation_checkpointing_trains_like_without(tiny_imdb):
+    runs = {}
+    for c in ("0", "3"):
+        run = tiny_imdb["tmp"] / f"bptt{c}"
+        assert main.main(base_args(tiny_imdb, "--alg", "BPTT", "--epochs", "1", "--save",
+                                   "--results-dir", str(run), "--bptt-checkpoint", c)) == 0
+        runs[c] = weights(run / "final_model.pt")
+    for k in runs["0"]:
+        torch.testing.assert_close(runs["3"][k], runs["0"][k], rtol=1e-5, atol=1e-6)
+    assert main.main(base_args(tiny_imdb, "--alg", "BPTT", "--bptt-checkpoint", "-1")) == 2
