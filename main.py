@@ -582,20 +582,22 @@ def test(args, log):
     if args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)
     data = load_data(args, log)
-    acc = test_accuracy(args, ckpt, path, data)
+    stats = {}
+    acc = test_accuracy(args, ckpt, path, data, stats)
+    used = f", {stats['free_steps']:.1f} steps used on average (--tol {args.tol:g})" if args.tol else ""
     log(f"test accuracy {acc:.4f} ({round(acc * len(data.test))}/{len(data.test)} correct, "
-        f"T={args.T}, {path})")
+        f"T={args.T}{used}, {path})")
     return 0
 
 
-def test_accuracy(args, ckpt, path, data):
+def test_accuracy(args, ckpt, path, data, stats=None):
     """Accuracy of a checkpoint's weights on data.test with the evaluation flags (--T,
     --batch_size, --tol, --bf16, --dtype), sharded across ranks under torchrun."""
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     if args.compile:
         model.compile_step()
     return mu.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
-                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist)
+                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats)
 
 
 def gducheck(args, log):

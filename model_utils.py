@@ -428,31 +428,38 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
 
 
 @torch.no_grad()
-def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, free_dtype=None):
+def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, free_dtype=None,
+                    stats=None):
     """Output layer after T free steps (β = 0) for every sample: [N, C]. free_dtype: run the
-    steps in this dtype (e.g. torch.bfloat16) on copies of the weights."""
+    steps in this dtype (e.g. torch.bfloat16) on copies of the weights. stats: a dict that
+    receives the free steps used, averaged over the batches ("free_steps")."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     dt = free_dtype or dtype
     p = None if dt == dtype else [w.to(dt) for w in model.params()]
     model.eval()
-    outs = []
+    outs, used = [], []
     chunks = batches(len(ids), batch_size)
     for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
         drive, keys = model.precompute(embed(embeddings, ids[idx].to(device), dtype))
-        s, _ = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
+        s, n = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
                      tol=tol, p=p)
         check_finite(s, "evaluation free")
         outs.append(s[-1].to(dtype).cpu())
+        used.append(n)
+    if stats is not None:
+        stats["free_steps"] = sum(used) / max(len(used), 1)
     return torch.cat(outs) if outs else torch.zeros(0, model.n_classes)
 
 
-def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None, dist=None):
+def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None, dist=None,
+             stats=None):
     """Accuracy: argmax of the output after T free steps with β = 0. With dist, each rank
-    evaluates its contiguous part of the split and the correct counts are summed."""
+    evaluates its contiguous part of the split and the correct counts are summed. stats: see
+    predict_outputs (this rank's batches)."""
     if len(split) == 0:
         return float("nan")
     idx = torch.arange(len(split)) if dist is None else dist.shard(torch.arange(len(split)))
-    out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype)
+    out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype, stats)
     correct = (out.argmax(1) == split.labels[idx]).sum().item()
     if dist is not None:
         correct = dist.sum([correct])[0]

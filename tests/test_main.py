@@ -51,6 +51,12 @@ def test_train_save_then_test_reproduces_recorded_accuracy(tiny_imdb, capsys):
                       "--cache-dir", str(tiny_imdb["cache"])]) == 0
     out = capsys.readouterr().out
     assert f"test accuracy {metrics['test_accuracy']:.4f}" in out
+    # early stopping at evaluation reports the steps it used
+    assert main.main(["--execute", "test", "--load-path", str(run), "--data-dir", str(tiny_imdb["data"]),
+                      "--cache-dir", str(tiny_imdb["cache"]), "--tol", "1e-3"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("test accuracy")][0]
+    used = float(line.split(" steps used on average")[0].rsplit(" ", 1)[1])
+    assert 1 <= used <= 12 and "(--tol 0.001)" in line
 
 
 def test_resume_after_epoch_one_equals_uninterrupted_run(tiny_imdb):
