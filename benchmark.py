@@ -30,6 +30,10 @@ compiles the step with torch.compile (the first batch pays the compile). BPTT:
 `--bptt-checkpoint C` recomputes the K recorded steps in segments of C (peak memory).
 Bad flags or values: one line on stderr, exit code 2.
 
+`peak_mem_mb` is the peak RSS on CPU. glibc keeps freed blocks of up to 32 MB in its heap, so
+for memory comparisons run with MALLOC_MMAP_THRESHOLD_=1048576 (RSS then follows the live
+tensors); it is `max_memory_allocated` on CUDA.
+
 On a shared machine run it (and main.py) with OMP_WAIT_POLICY=PASSIVE: with other busy
 processes, OpenMP threads spinning at every barrier halve the throughput of 2 threads.
 """

@@ -13,6 +13,7 @@ and every function below accepts such a list so that checks can pass per-step co
 """
 import math
 import time
+from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -64,18 +65,34 @@ def _plain(t):  # a layout oneDNN takes: 2-D, row- or column-major
     return t.dim() == 2 and (t.is_contiguous() or t.t().is_contiguous())
 
 
+def _onednn_linear(x, w, b=None, add=None):
+    if add is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+
+
+if ONEDNN_LINEAR:  # an opaque op for torch.compile, which would otherwise pick MKL's GEMM
+    @torch.library.custom_op("seqlearn_ep::onednn_linear", mutates_args=())
+    def _onednn_linear_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                          add: Optional[torch.Tensor]) -> torch.Tensor:
+        return _onednn_linear(x, w, b, add)
+
+    @_onednn_linear_op.register_fake
+    def _(x, w, b, add):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
 def linear(x, w, b=None, add=None):
     """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU in float32/bfloat16 without
     autograd this is oneDNN's kernel: it uses AVX-512 on every x86 CPU, where MKL (behind
-    torch.matmul) may fall back to AVX2 (about 2x slower on AMD). Same dtype in, accumulation
-    and out as F.linear. Under torch.compile it is F.linear, left to the compiler."""
-    if (ONEDNN_LINEAR and not torch.compiler.is_compiling() and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
+    torch.matmul, and the GEMM torch.compile picks) may fall back to AVX2 (about 2x slower on
+    AMD). Same dtype in, accumulation and out as F.linear."""
+    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and w.dtype == x.dtype and _plain(x) and _plain(w)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        if add is None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+        if torch.compiler.is_compiling():
+            return torch.ops.seqlearn_ep.onednn_linear(x, w, b, add)
+        return _onednn_linear(x, w, b, add)
     out = F.linear(x, w, b)
     return out if add is None else out + add
 
