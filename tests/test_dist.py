@@ -55,21 +55,25 @@ def test_two_processes_and_resume_equal_one_process_float64(tiny_imdb):
     assert f"test accuracy {m2['test_accuracy']:.4f}" in test.stdout + test.stderr
 
 
-def test_uneven_shards_float32_and_only_rank0_writes(tiny_imdb):
+def test_uneven_shards_and_only_rank0_writes(tiny_imdb):
     tmp = tiny_imdb["tmp"]
     # batch 7 over 2 ranks: parts of 4 and 3, so the per-rank estimates must be size-weighted
-    common = base_args(tiny_imdb, "--epochs", "2", "--save")
+    # float64: one batch and two shards sum in different orders; in float32 Adam can turn those
+    # last-bit differences of near-zero gradient entries into lr-sized weight differences
+    common = base_args(tiny_imdb, "--epochs", "2", "--save", "--dtype", "float64")
     common[common.index("--batch_size") + 1] = "7"
-    assert single(common + ["--results-dir", str(tmp / "one")], tmp).returncode == 0
+    one = single(common + ["--results-dir", str(tmp / "one")], tmp)
+    assert one.returncode == 0, one.stderr[-3000:]
     work = tmp / "work"
     work.mkdir()
     two = torchrun(common + ["--results-dir", str(tmp / "two")], work)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert max_diff(tmp / "one" / "final_model.pt", tmp / "two" / "final_model.pt") < 1e-4
+    diff = max_diff(tmp / "one" / "final_model.pt", tmp / "two" / "final_model.pt")
+    assert diff < 1e-6, diff
     assert list(work.iterdir()) == []          # nothing written beside the run folder
     assert sorted(p.name for p in (tmp / "two").iterdir()) == sorted(p.name for p in (tmp / "one").iterdir())
     assert (tmp / "two" / "command.txt").read_text().count("main.py") == 1   # written once, by rank 0
-    assert two.stdout.count("epoch 2/2:") + two.stderr.count("epoch 2/2:") == 1   # rank 0 logs
+    assert two.stdout.count("epoch 2/2:") + two.stderr.count("epoch 2/2:") == 1, two.stderr[-3000:]  # rank 0 logs
 
 
 def test_failure_on_one_rank_stops_both_with_the_error(tiny_imdb):
