@@ -137,13 +137,11 @@ def load_run(args, parser):
     `test` loads them). Sets the architecture flags; returns dict(state, split, embeddings)."""
     import main as cli
     try:
-        path = cli.find_checkpoint(args.load_path, ["best_model.pt", "final_model.pt", "checkpoint.pt"])
-        ckpt = cli.load_checkpoint(path)
         run = cli.build_parser().parse_args(["--load-path", args.load_path, "--data-dir", args.data_dir]
                                             + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
-        cli.resolve(run, ckpt["config"])
-        run.embeddings = cli.run_embeddings(args.load_path) or run.embeddings
-        data = cli.load_data(run, log=lambda msg: print(msg, file=sys.stderr))
+        log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        ckpt, path = cli.load_for_eval(run, log)
+        data = cli.load_data(run, log)
     except (cli.UsageError, cli.data_utils.DataError) as e:
         parser.error(str(e))
     arch = ckpt["config"]["model"]

@@ -568,10 +568,14 @@ def check_theorem(model, split, embeddings, args, epoch, log):
 
 # ----------------------------------------------------------------------------- test / gducheck / predict
 def load_for_eval(args, log):
+    """The checkpoint to evaluate and its path; flags resolved against its config, and
+    --embeddings auto pointed at the run folder's embeddings.npz when there is one."""
     path = find_checkpoint(args.load_path, ["best_model.pt", "final_model.pt", "checkpoint.pt"])
     ckpt = load_checkpoint(path)
     resolve(args, ckpt["config"])
     validate(args)
+    if args.embeddings == "auto" and run_embeddings(args.load_path):
+        args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     return ckpt, path
 
 
@@ -579,8 +583,6 @@ def test(args, log):
     if args.load_path is None:
         raise UsageError("--execute test needs --load-path (a run folder or checkpoint file)")
     ckpt, path = load_for_eval(args, log)
-    if args.embeddings == "auto" and run_embeddings(args.load_path):
-        args.embeddings = run_embeddings(args.load_path)
     data = load_data(args, log)
     stats = {}
     acc = test_accuracy(args, ckpt, path, data, stats)
@@ -603,8 +605,6 @@ def test_accuracy(args, ckpt, path, data, stats=None):
 def gducheck(args, log):
     if args.load_path:
         ckpt, path = load_for_eval(args, log)
-        if args.embeddings == "auto" and run_embeddings(args.load_path):
-            args.embeddings = run_embeddings(args.load_path)
     else:
         ckpt = None
         resolve(args)

@@ -260,9 +260,9 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
     `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
     autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks).
-    States in a low-precision dtype cannot resolve changes below its machine epsilon (they end
-    in a cycle of rounding flips, not a fixed point), so tol is at least that epsilon
-    (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7)."""
+    States in a low-precision dtype cannot resolve changes below its machine epsilon, so tol
+    is at least that epsilon (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7). bfloat16 dynamics
+    often end in cycles of rounding flips larger than that: such a phase runs all its steps."""
     step = model.compiled_step or model.step
     if tol is not None:
         tol = max(tol, torch.finfo(s[0].dtype).eps)
@@ -354,8 +354,9 @@ def bptt_gradients(model, x, y, T, K, checkpoint=0):
         s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)
     free_s = clock()
     drive, keys = model.precompute(x)
-    for start in range(0, K, checkpoint or K):
-        n = min(checkpoint or K, K - start)
+    segment = checkpoint or K
+    for start in range(0, K, segment):
+        n = min(segment, K - start)
         if checkpoint:
             s = list(torch.utils.checkpoint.checkpoint(_steps, model, n, drive, keys, *s,
                                                        use_reentrant=False))
