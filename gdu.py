@@ -21,7 +21,6 @@ is a batch mean while EP's state increments are per sample). The plain state gra
 −B·∂ℓ/∂s_t are kept in the result too (`bptt_state_grads`). Parameters need no such care: the
 Hebbian term ∂Φ/∂θ is batch-averaged exactly like ℓ.
 """
-import copy
 import json
 import math
 import os
@@ -149,7 +148,7 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64, max
     if beta == 0:
         raise ValueError("the GDU check needs a nonzero beta")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = copy.deepcopy(model).to(dtype)
+    model = mu.plain_copy(model, dtype)  # the theorem is about the plain synchronous steps
     model.requires_grad_(False)
     device = next(model.parameters()).device
     x, y = x.to(device=device, dtype=dtype), y.to(device)
@@ -424,7 +423,7 @@ def convergence_trace(model, x, T, dtype=None):
     (all layers, whole batch), rel = delta / ‖s_t‖, phi = mean over the batch of Φ(s_t)."""
     if dtype is not None:
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        model = copy.deepcopy(model).to(dtype)
+    model = mu.plain_copy(model, dtype)
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
     drive, keys = model.precompute(x)

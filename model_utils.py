@@ -11,7 +11,10 @@ Conventions: a state is a list `s` of tensors; `s[0]` is the stack of projection
 (weight, bias) of each fully connected layer; `model.params()` returns them as a list `p`
 and every function below accepts such a list so that checks can pass per-step copies.
 """
+import contextlib
+import copy
 import math
+import os
 import time
 from typing import Optional
 
@@ -44,21 +47,93 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
 }
 
+
+# σ(a + d) − σ(a) without forming a + d: the nudged phases move the states by tiny amounts d
+# from the free fixed point, and a + d rounded to float32 would lose most of d's digits.
+def _clamp_delta(lo, hi, scale):  # σ(x) = scale·clamp(x, lo, hi) + const
+    def delta(a, d):
+        return scale * (torch.minimum(torch.maximum(d, lo - a), hi - a) + (a - a.clamp(lo, hi)))
+    return delta
+
+
+def _sigmoid_delta(a, d):  # σ(a+d) − σ(a) = σ(a+d)·(1 − σ(a))·(1 − e^(−d))
+    return torch.sigmoid(a + d) * torch.sigmoid(-a) * -torch.expm1(-d)
+
+
+def _my_sigmoid_delta(a, d):
+    return _sigmoid_delta(4.0 * (a - 0.5), 4.0 * d)
+
+
+def _tanh_delta(a, d):  # tanh(a+d) − tanh(a) = sinh(d) / (cosh(a)·cosh(a+d))
+    return torch.sinh(d) / (torch.cosh(a) * torch.cosh(a + d))
+
+
+# The pre-activation at the middle of σ's working range, and the state values σ takes on its
+# flat parts (where ∂σ = 0: a unit there passes no nudge and gets no gradient).
+ACTIVATION_CENTRE = {"my_sigmoid": 0.5, "mysig": 0.5, "hard_sigmoid": 0.5, "my_hard_sig": 1.0,
+                     "tanh": 0.0, "sigmoid": 0.0}
+ACTIVATION_FLAT = {"hard_sigmoid": (0.0, 1.0), "my_hard_sig": (0.0, 1.0)}
+INITS = ("centred", "torch")
+
+ACTIVATION_DELTAS = {
+    "my_sigmoid": _my_sigmoid_delta, "mysig": _my_sigmoid_delta,
+    "hard_sigmoid": _clamp_delta(0.0, 1.0, 1.0),   # (1 + hardtanh(2x − 1))/2 = clamp(x, 0, 1)
+    "my_hard_sig": _clamp_delta(0.0, 2.0, 0.5),    # (1 + hardtanh(x − 1))/2 = clamp(x, 0, 2)/2
+    "tanh": _tanh_delta, "sigmoid": _sigmoid_delta,
+}
+
+
+def softmax_delta(p0, ds):
+    """softmax(S0 + ds) − softmax(S0) along the last axis from p0 = softmax(S0), to the relative
+    precision of ds: with v = e^(ds−c) − 1 (expm1), p' − p0 = p0·(v − Σp0v)/(1 + Σp0v).
+    c = max(0, max ds − 60) only keeps expm1 finite for huge ds (then precision is moot)."""
+    c = (ds.amax(-1, keepdim=True) - 60.0).clamp(min=0.0)
+    v = torch.expm1(ds - c)
+    m = (p0 * v).sum(-1, keepdim=True)
+    return p0 * (v - m) / (1.0 + m)
+
+
 # (query input, key/value input) of each projection layer, indices into the model's inputs.
 # IMDB: inputs = [x]; SNLI: inputs = [p, h] -> s1: p over h, s2: h over p, s3: p over p, s4: h over h.
 PROJECTIONS = {"IMDB": [(0, 0)], "SNLI": [(0, 1), (1, 0), (0, 0), (1, 1)]}
 DEFAULT_GAMMA = {"IMDB": None, "SNLI": 0.16}  # None -> 1/sqrt(D)
 
 
-def _onednn_linear_works():
+def _onednn_linear_works(dtype):
+    """Whether oneDNN's fused linear (plain and with a fused add) runs in `dtype` on this CPU.
+    bfloat16 needs AVX512-BF16/AVX-512BW (or AVX-NE-CONVERT): AVX2-only CPUs refuse it."""
+    if os.environ.get("SEQLEARN_EP_NO_ONEDNN"):  # to test the fallback on any machine
+        return False
     try:
-        x = torch.ones(2, 3)
-        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, x, None, "none", [], ""), x @ x.t())
+        x = torch.ones(2, 3, dtype=dtype)
+        ref = (x.float() @ x.float().t()).to(dtype)
+        return (torch.equal(torch.ops.mkldnn._linear_pointwise(x, x, None, "none", [], ""), ref)
+                and torch.equal(torch.ops.mkldnn._linear_pointwise.binary(x, ref, x, None, "add"), 2 * ref))
     except (AttributeError, RuntimeError):
         return False
 
 
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and _onednn_linear_works()
+# dtypes in which `linear` uses oneDNN on the CPU; others (and autograd) take F.linear.
+ONEDNN_DTYPES = {dt for dt in (torch.float32, torch.bfloat16)
+                 if torch.backends.mkldnn.is_available() and _onednn_linear_works(dt)}
+ONEDNN_LINEAR = bool(ONEDNN_DTYPES)
+
+
+def bf16_notice(device):
+    """None when bfloat16 runs fast on `device`; else a one-line notice of the fallback. Raises
+    ValueError when PyTorch cannot compute the dynamics in bfloat16 there at all."""
+    device = torch.device(device)
+    try:
+        x = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
+        torch.softmax(F.linear(x, x) @ x, -1)
+    except RuntimeError as e:
+        raise ValueError(f"--bf16: PyTorch cannot compute in bfloat16 on {device} "
+                         f"({str(e).splitlines()[0][:100]}); drop --bf16") from None
+    if device.type == "cpu" and torch.bfloat16 not in ONEDNN_DTYPES:
+        return ("notice: this CPU lacks oneDNN's bfloat16 kernels (they need AVX512-BF16 or "
+                "AVX-512BW/VL/DQ); --bf16 falls back to PyTorch's generic bfloat16 matmul, "
+                "which is correct but slower than float32 here")
+    return None
 
 
 def _plain(t):  # a layout oneDNN takes: 2-D, row- or column-major
@@ -83,11 +158,12 @@ if ONEDNN_LINEAR:  # an opaque op for torch.compile, which would otherwise pick 
 
 
 def linear(x, w, b=None, add=None):
-    """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU in float32/bfloat16 without
-    autograd this is oneDNN's kernel: it uses AVX-512 on every x86 CPU, where MKL (behind
-    torch.matmul, and the GEMM torch.compile picks) may fall back to AVX2 (about 2x slower on
-    AMD). Same dtype in, accumulation and out as F.linear."""
-    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU without autograd, in the dtypes
+    where oneDNN's kernel runs here (`ONEDNN_DTYPES`: float32 on x86, bfloat16 only where the
+    CPU has the instructions), it takes that kernel, which uses AVX-512 where the CPU has it,
+    while MKL (behind torch.matmul, and the GEMM torch.compile picks) may stay on AVX2 (about
+    2x slower on AMD); elsewhere F.linear. Same dtype in, accumulation and out as F.linear."""
+    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES
             and w.dtype == x.dtype and _plain(x) and _plain(w)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         if torch.compiler.is_compiling():
@@ -105,7 +181,8 @@ class DivergenceError(RuntimeError):
 class EPNet(nn.Module):
     """Convergent RNN: P parallel Hopfield projection layers followed by an FC stack (SPEC §1)."""
 
-    def __init__(self, dataset, seq_len, embed_dim, fc_layers, act="my_hard_sig", gamma=None):
+    def __init__(self, dataset, seq_len, embed_dim, fc_layers, act="my_hard_sig", gamma=None,
+                 init="centred"):
         super().__init__()
         if dataset not in PROJECTIONS:
             raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(PROJECTIONS)}")
@@ -113,19 +190,32 @@ class EPNet(nn.Module):
             raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
         self.dataset, self.L, self.D = dataset, int(seq_len), int(embed_dim)
         self.fc_layers, self.act_name = [int(h) for h in fc_layers], act
-        self.act = ACTIVATIONS[act]
+        self.act, self.act_delta = ACTIVATIONS[act], ACTIVATION_DELTAS[act]
         self.pairs = PROJECTIONS[dataset]
         self.P = len(self.pairs)
         if gamma is None:
             gamma = DEFAULT_GAMMA[dataset] or 1.0 / math.sqrt(self.D)
         self.gamma = float(gamma)
-        self.compiled_step = None  # set by compile_step()
+        self.compiled_step = self.compiled_delta_step = None  # set by compile_step()
         self.proj = nn.ParameterList(
             [nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
         sizes = [self.P * self.L * self.D] + self.fc_layers
         self.fc = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
         for w in self.proj:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # same law as nn.Linear
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+        if init == "centred":
+            self.centre_biases()
+
+    def centre_biases(self):
+        """Shift every FC bias by the centre of σ's working range (my_hard_sig: 1, i.e. σ = ½),
+        keeping nn.Linear's ±1/√fan_in spread. With nn.Linear's zero-centred biases a hard
+        sigmoid starts about half of its units on the flat part at 0, and at times the whole
+        output layer, which then passes neither nudge nor gradient (a dead network at 50 %)."""
+        with torch.no_grad():
+            for layer in self.fc:
+                layer.bias.add_(ACTIVATION_CENTRE[self.act_name])
 
     @property
     def n_classes(self):
@@ -209,10 +299,44 @@ class EPNet(nn.Module):
         """One synchronous step of the dynamics, all layers updated from s(t)."""
         return self.update(self.grad_states(s, drive, beta, y, p), keys)
 
+    # -- the nudged phases, relative to the free fixed point s0 -----------------------
+    def nudged_setup(self, s0, drive, keys, beta0=0.0, y=None, p=None):
+        """What every nudged step from s0 reuses: the pre-activations G0 = ∂Φ/∂s(s0; β0), the
+        attention p0 at s0, and the free phase's residual r = F(s0) − s0 (0 at a fixed point)."""
+        g0 = self.grad_states(s0, drive, beta0, y, p)
+        p0 = torch.softmax(self.gamma * (g0[0] @ keys.transpose(-1, -2)), dim=-1)
+        r = [p0 @ keys - s0[0]] + [self.act(g) - s for g, s in zip(g0[1:], s0[1:])]
+        return g0, p0, r
+
+    def delta_step(self, d, setup, keys, beta, nudge, p=None):
+        """One synchronous step of the nudged dynamics written for δ = s − s0:
+        δ' = F_β(s0 + δ) − s0 = r + [F_β(s0 + δ) − F_β0(s0)]. Φ is linear in each layer, so the
+        pre-activations move by ΔG = (W·δ terms) + nudge − β·δ_N with nudge = (β − β0)(y − s0_N),
+        and the states by σ(G0 + ΔG) − σ(G0), evaluated without forming G0 + ΔG
+        (`ACTIVATION_DELTAS`, `softmax_delta`). Mathematically the plain step; numerically δ
+        keeps its relative precision, so s₊ − s₋ is exact to float32 rounding of δ, not of s.
+        beta: a 0-d tensor (no recompilation per value under torch.compile)."""
+        (g0, p0, r), (_, W, _) = setup, self._split(p)
+        dg = [linear(d[1], W[0].t()).view_as(d[0])]
+        for k in range(1, len(d)):
+            gk = linear(d[k - 1].flatten(1), W[k - 1])
+            if k < len(d) - 1:
+                gk = linear(d[k + 1], W[k].t(), add=gk)
+            else:
+                gk = gk + nudge - beta * d[k]
+            dg.append(gk)
+        dp = softmax_delta(p0, self.gamma * (dg[0] @ keys.transpose(-1, -2)))
+        return [r[0] + dp @ keys] + [rk + self.act_delta(g, dk)
+                                     for rk, g, dk in zip(r[1:], g0[1:], dg[1:])]
+
     def compile_step(self, mode=None):
-        """Use torch.compile'd `step` in the dynamics from now on (`relax`); mode as in
-        torch.compile (None, "max-autotune", ...). Recompiles once per dtype and β sign."""
-        self.compiled_step = torch.compile(self.step, mode=mode, dynamic=False)
+        """Use torch.compile'd `step` and `delta_step` in the dynamics from now on (`relax`,
+        `relax_nudged`); mode as in torch.compile (None, "max-autotune", ...). The batch size
+        becomes dynamic after its first change and β is a tensor in the nudged steps, so one
+        epoch with a ragged last batch, validation and test needs a few graphs per dtype."""
+        backend = os.environ.get("SEQLEARN_EP_COMPILE_BACKEND", "inductor")  # tests: "eager"
+        self.compiled_step = torch.compile(self.step, mode=mode, dynamic=None, backend=backend)
+        self.compiled_delta_step = torch.compile(self.delta_step, mode=mode, dynamic=None, backend=backend)
         return self
 
     def step_reference(self, x, s, keys, beta=0.0, y=None):
@@ -222,19 +346,26 @@ class EPNet(nn.Module):
             g = torch.autograd.grad(self.phi(x, s, beta, y).sum(), s)
         return [t.detach() for t in self.update(list(g), keys)]
 
-    def hebbian(self, x, s, s_ref=None):
+    def hebbian(self, x, s, s_ref=None, diff=None):
         """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (SPEC §2.5).
-        With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), one matrix product per layer."""
+        With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), computed from the state differences
+        so that the two nearly equal products never cancel inside a float32 (or TF32)
+        accumulation: post·preᵀ − post_ref·pre_refᵀ = (post − post_ref)·preᵀ + post_ref·(pre − pre_ref)ᵀ,
+        the same FLOPs as one product over a doubled batch and about 1000x more accurate.
+        diff: s − s_ref when it is known more precisely than the rounded states give it."""
         B = s[0].shape[0]
         xs = self.inputs(x)
-        diff = s if s_ref is None else [a - b for a, b in zip(s, s_ref)]  # for the linear terms
+        if diff is None:
+            diff = s if s_ref is None else [a - b for a, b in zip(s, s_ref)]
         out = [torch.einsum("bld,ble->de", diff[0][:, j], xs[q]) / B
                for j, (q, _) in enumerate(self.pairs)]
         for k in range(len(self.fc)):
-            post, pre = s[k + 1], s[k].flatten(1)
-            if s_ref is not None:  # Σ post·preᵀ − Σ post_ref·pre_refᵀ over a doubled batch
-                post, pre = torch.cat([post, s_ref[k + 1]]), torch.cat([pre, -s_ref[k].flatten(1)])
-            out.append(linear(post.t() / B, pre.t()))  # s_{k+1} s_kᵀ
+            pre, dpost = s[k].flatten(1), diff[k + 1] / B
+            if s_ref is None:
+                out.append(linear(dpost.t(), pre.t()))  # s_{k+1} s_kᵀ
+            else:
+                dpre, post_ref = diff[k].flatten(1), s_ref[k + 1] / B
+                out.append(linear(post_ref.t(), dpre.t(), add=linear(dpost.t(), pre.t())))
             out.append(diff[k + 1].mean(0))
         return out
 
@@ -246,6 +377,53 @@ def one_hot(y, like):
 def mse_loss(out, y):
     """ℓ(s_N, y) = ½‖s_N − onehot(y)‖², averaged over the batch."""
     return 0.5 * ((out - one_hot(y, out)) ** 2).sum(1).mean()
+
+
+def flat_units(model, s):
+    """Per FC layer, a bool [H_k] mask of the units that sit on a flat part of σ (state exactly
+    at a saturation value) for every sample of the batch s. Smooth activations: never flat."""
+    flat = ACTIVATION_FLAT.get(model.act_name)
+    if flat is None:
+        return [torch.zeros(t.shape[1], dtype=torch.bool, device=t.device) for t in s[1:]]
+    return [((t == flat[0]) | (t == flat[1])).all(0) for t in s[1:]]
+
+
+class DeadNetworkError(RuntimeError):
+    """A layer's units all sat on a flat part of σ: no nudge or gradient passes it."""
+
+
+def dead_layers(flat):
+    """Indices of the FC layers whose units are all flat (masks from `flat_units`)."""
+    return [k for k, f in enumerate(flat) if bool(f.all())]
+
+
+def dead_layer_message(model, dead, where, fix="Change --seed, lower --lrs, use --init centred "
+                                                 "for new runs, or a smooth --act (my_sigmoid)"):
+    """One line naming the dead FC layers (indices from `dead_layers`) and what to change."""
+    names = ", ".join(f"fc.{k} ({'output' if k == len(model.fc) - 1 else 'hidden'}, "
+                      f"{model.fc_layers[k]} units)" for k in dead)
+    return (f"{names}: every unit sat on a flat part of {model.act_name} for every sample {where}, "
+            f"so neither EP nor BPTT gets a gradient through it. {fix}")
+
+
+@torch.no_grad()
+def initial_dead_layers(model, x, T):
+    """FC layers that are dead at the free state of batch x before any training."""
+    drive, keys = model.precompute(x)
+    s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T)
+    return dead_layers(flat_units(model, s))
+
+
+def plain_copy(model, dtype=None):
+    """A deep copy (in `dtype` if given) that takes the plain, uncompiled steps: compiled
+    steps belong to the original's bound methods and dtype."""
+    compiled = model.compiled_step, model.compiled_delta_step
+    model.compiled_step = model.compiled_delta_step = None
+    try:
+        new = copy.deepcopy(model)
+    finally:
+        model.compiled_step, model.compiled_delta_step = compiled
+    return new if dtype is None else new.to(dtype)
 
 
 def build_model(cfg):
@@ -275,7 +453,28 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     return s, steps
 
 
-def _rel_change(new, old):
+def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None, p=None):
+    """The nudged phase from the free state s0 (with `setup` = model.nudged_setup(s0, ...)),
+    run on δ = s − s0 (`EPNet.delta_step`). Returns (δ, steps used); the stopping rule is
+    relax's, on the states s0 + δ."""
+    step = model.compiled_delta_step or model.delta_step
+    if tol is not None:
+        tol = max(tol, torch.finfo(s0[0].dtype).eps)
+    out = s0[-1]
+    nudge = (beta - beta0) * (one_hot(y, out) - out)
+    beta = torch.tensor(beta, dtype=out.dtype, device=out.device)
+    d = [torch.zeros_like(t) for t in s0]
+    for t in range(steps):
+        new = step(d, setup, keys, beta, nudge, p)
+        if tol is not None and max(_rel_change(a, b, s) for a, b, s in zip(new, d, s0)) < tol:
+            return new, t + 1
+        d = new
+    return d, steps
+
+
+def _rel_change(new, old, base=None):
+    if base is not None:  # new and old are offsets from base
+        return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()
     return ((new - old).abs().max() / (new.abs().max() + 1e-12)).item()
 
 
@@ -288,17 +487,19 @@ def check_finite(s, phase):
 
 
 def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype=None,
-                 reference=False):
+                 reference=False, free_tf32=False):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
     of the loss gradient (SPEC §2). Returns (free-phase output [B, C], info dict with the
     steps used and the seconds spent in each phase).
     free_dtype: run the free phase in this dtype on copies of the weights (torch.bfloat16:
     CPUs with avx512_bf16, CUDA); the nudged phases and the Hebbian estimate stay in the
     model's dtype (bf16 states would drown the small nudges of the lower layers).
-    reference: take the autograd-of-Φ steps of the original implementation (slow)."""
+    reference: take the autograd-of-Φ steps of the original implementation (slow).
+    free_tf32: CUDA, the free phase's float32 matmuls in TF32; everything after it (nudged
+    phases, Hebbian estimate) always runs in full float32."""
     beta1, beta2 = betas
     clock, ref = Clock(x.device), x if reference else None
-    with torch.no_grad():
+    with torch.no_grad(), cuda_tf32(free_tf32):
         drive, keys = model.precompute(x)
         init = model.init_states(x.shape[0], x.device, x.dtype)
         if free_dtype in (None, x.dtype):
@@ -310,19 +511,56 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype
             s0, n_free = relax(model, [t.to(free_dtype) for t in init], drive.to(free_dtype),
                                keys.to(free_dtype), T, beta1, y, tol, p)
             s0 = [t.to(x.dtype) for t in s0]
+    with torch.no_grad(), cuda_tf32(False):
+        if free_tf32:  # the input drive too: it enters every nudged step
+            drive, keys = model.precompute(x)
         check_finite(s0, "free")
         free_s = clock()
-        s_pos, n_pos = relax(model, s0, drive, keys, K, beta2, y, tol, x=ref)
+        if reference:  # the original: plain steps on the states, Hebbian from their difference
+            s_pos, n_pos = relax(model, s0, drive, keys, K, beta2, y, tol, x=ref)
+            s_neg, n_neg = relax(model, s0, drive, keys, K, -beta2, y, tol, x=ref) if thirdphase \
+                else (s0, 0)
+            diff = None
+        else:
+            setup = model.nudged_setup(s0, drive, keys, beta1, y)
+            d_pos, n_pos = relax_nudged(model, s0, setup, keys, K, beta2, beta1, y, tol)
+            d_neg, n_neg = relax_nudged(model, s0, setup, keys, K, -beta2, beta1, y, tol) \
+                if thirdphase else ([torch.zeros_like(t) for t in s0], 0)
+            s_pos, s_neg = [a + b for a, b in zip(s0, d_pos)], [a + b for a, b in zip(s0, d_neg)]
+            diff = [a - b for a, b in zip(d_pos, d_neg)]
         check_finite(s_pos, "nudged (+beta)")
-        s_neg, n_neg = relax(model, s0, drive, keys, K, -beta2, y, tol, x=ref) if thirdphase \
-            else (s0, 0)
         check_finite(s_neg, "nudged (-beta)")
         nudged_s = clock()
         scale = 2 * beta2 if thirdphase else beta2 - beta1
-        for prm, h in zip(model.params(), model.hebbian(x, s_pos, s_neg)):
+        for prm, h in zip(model.params(), model.hebbian(x, s_pos, s_neg, diff)):
             prm.grad = h.div_(-scale)
-    return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg,
+    return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg, "flat": flat_units(model, s0),
                     "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
+
+
+def set_cuda_tf32(enabled):
+    """CUDA float32 matmuls in TF32 (10-bit mantissa) or full float32 from now on; returns the
+    previous setting. No effect on the CPU."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):  # PyTorch >= 2.9; mixing it with allow_tf32 is an error
+        before, m.fp32_precision = m.fp32_precision, ("tf32" if enabled else "ieee")
+    else:
+        before, m.allow_tf32 = m.allow_tf32, bool(enabled)
+    return before
+
+
+@contextlib.contextmanager
+def cuda_tf32(enabled):
+    """`set_cuda_tf32(enabled)` inside the block, the previous setting afterwards."""
+    m = torch.backends.cuda.matmul
+    before = set_cuda_tf32(enabled)
+    try:
+        yield
+    finally:
+        if hasattr(m, "fp32_precision"):
+            m.fp32_precision = before
+        else:
+            m.allow_tf32 = before
 
 
 class Clock:
@@ -342,14 +580,15 @@ class Clock:
         return self.last - last
 
 
-def bptt_gradients(model, x, y, T, K, checkpoint=0):
+def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
     """T−K free steps without a graph, K recorded steps, backprop of ℓ (SPEC §2, BPTT).
     checkpoint=c > 0: activation checkpointing, the K steps run in segments of c whose
     insides are recomputed during backprop; memory then holds K/c segment boundaries plus
     one segment's activations instead of all K steps (c ≈ √K is least), for one more forward.
-    info: steps, and seconds without the graph (free_s) and with it plus backprop (nudged_s)."""
+    info: steps, and seconds without the graph (free_s) and with it plus backprop (nudged_s).
+    free_tf32: CUDA, the T−K steps without a graph in TF32; the recorded ones in full float32."""
     clock = Clock(x.device)
-    with torch.no_grad():
+    with torch.no_grad(), cuda_tf32(free_tf32):
         drive, keys = model.precompute(x)
         s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)
     free_s = clock()
@@ -366,6 +605,7 @@ def bptt_gradients(model, x, y, T, K, checkpoint=0):
     model.zero_grad(set_to_none=True)
     mse_loss(s[-1], y).backward()
     return s[-1].detach(), {"free_steps": T, "nudged_steps": 0, "free_s": free_s,
+                            "flat": flat_units(model, [t.detach() for t in s]),
                             "nudged_s": clock(), "hebbian_s": 0.0}
 
 
@@ -408,13 +648,15 @@ def batches(n, batch_size, generator=None):
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None, dist=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol and optionally free_dtype (see ep_gradients) and bptt_checkpoint (see
-    bptt_gradients). dist: a dist_utils.Dist
+    batch_size, tol and optionally free_dtype, free_tf32 (see ep_gradients) and bptt_checkpoint
+    (see bptt_gradients). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
-    Returns dict(train_acc, samples, seconds, free_steps, nudged_steps)."""
+    Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
+    the FC layers whose units were all flat for every sample of the epoch (`dead_layers`)."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     model.train()
     correct = seen = free = nudged = nb = 0
+    active = [torch.zeros(h, dtype=torch.long, device=device) for h in model.fc_layers]
     start = time.perf_counter()
     bar = tqdm(batches(len(split), hp["batch_size"], generator), desc=desc, leave=False,
                dynamic_ncols=True)
@@ -425,11 +667,14 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
             y = split.labels[idx].to(device)
             if hp["alg"] == "EP":
                 out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                         hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"))
+                                         hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"),
+                                         free_tf32=hp.get("free_tf32", False))
             else:
-                out, info = bptt_gradients(model, x, y, hp["T"], hp["K"], hp.get("bptt_checkpoint", 0))
+                out, info = bptt_gradients(model, x, y, hp["T"], hp["K"], hp.get("bptt_checkpoint", 0),
+                                           hp.get("free_tf32", False))
             correct += (out.argmax(1) == y).sum().item()
             free, nudged, nb = free + info["free_steps"], nudged + info["nudged_steps"], nb + 1
+            active = [a + (~f) for a, f in zip(active, info["flat"])]
         if dist is not None:
             dist.average_grads(model, len(idx), len(batch))
         if hook is not None:
@@ -441,8 +686,10 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
     seconds = time.perf_counter() - start
     if dist is not None:
         correct, seen, free, nudged, nb = dist.sum([correct, seen, free, nudged, nb])
+        active = [torch.tensor(dist.sum(a.tolist())) for a in active]
+    dead = dead_layers([a == 0 for a in active]) if seen else []
     return {"train_acc": correct / max(seen, 1), "samples": int(seen), "seconds": seconds,
-            "free_steps": free / max(nb, 1), "nudged_steps": nudged / max(nb, 1)}
+            "free_steps": free / max(nb, 1), "nudged_steps": nudged / max(nb, 1), "dead": dead}
 
 
 @torch.no_grad()

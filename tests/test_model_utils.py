@@ -164,8 +164,8 @@ def test_training_learns_a_synthetic_sequence_task(alg):
     train, test = synthetic_sequences(600, seed=1), synthetic_sequences(300, seed=2)
     emb = torch.randn(8, 4)
     emb[0] = 0
-    model = mu.EPNet("IMDB", 6, 4, [32, 2], "my_hard_sig")
-    opt = mu.make_optimizer(model, [0.01, 0.01, 0.01])
+    model = mu.EPNet("IMDB", 6, 4, [32, 2], "my_hard_sig")  # centred biases: all units start active
+    opt = mu.make_optimizer(model, [0.005, 0.005, 0.005])
     hp = {"alg": alg, "T": 20, "K": 8, "betas": (0.0, 0.2), "thirdphase": True,
           "batch_size": 20, "tol": None}
     for epoch in range(15):

@@ -1,0 +1,116 @@
+"""EP's estimate is a small difference of two nudged states: these checks hold its precision.
+
+The nudged phases run on δ = s − s0 (`EPNet.delta_step`), the activations and the attention
+move by exact differences (`ACTIVATION_DELTAS`, `softmax_delta`) and the Hebbian term is a
+difference form, so float32 EP agrees with float64 EP to about 1e-6 on a trained model."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model_utils as mu
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("act", sorted(mu.ACTIVATIONS))
+def test_activation_delta_is_the_difference(act):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, generator=g, dtype=torch.float64) * 2 + 0.5
+    d = torch.randn(4000, generator=g, dtype=torch.float64) * torch.logspace(-9, 0, 4000, dtype=torch.float64)
+    a[:5] = torch.tensor([0.0, 1.0, 2.0, -0.3, 2.2], dtype=torch.float64)  # on and near the kinks
+    f = mu.ACTIVATIONS[act]
+    exact = f(a + d) - f(a)
+    got = mu.ACTIVATION_DELTAS[act](a, d)
+    torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-15)
+    # float32: the difference keeps the relative precision of d (a + d would not)
+    got32 = mu.ACTIVATION_DELTAS[act](a.float(), d.float()).double()
+    small = d.abs() < 1e-6
+    ref = mu.ACTIVATION_DELTAS[act](a.float().double(), d.float().double())
+    assert ((got32 - ref).abs() <= 1e-5 * ref.abs() + 1e-30)[small].float().mean() > 0.99
+
+
+def test_softmax_delta_is_the_difference_also_for_large_moves():
+    g = torch.Generator().manual_seed(1)
+    S0 = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3
+    for scale in (1e-8, 1e-3, 1.0, 100.0):
+        ds = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * scale
+        exact = torch.softmax(S0 + ds, -1) - torch.softmax(S0, -1)
+        got = mu.softmax_delta(torch.softmax(S0, -1), ds)
+        torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-13 * max(scale, 1.0))
+
+
+def tiny(dataset, act, seed=0):
+    torch.manual_seed(seed)
+    fc = [7, 3] if dataset == "SNLI" else [7, 5, 2]
+    model = mu.EPNet(dataset, 4, 5, fc, act).double()
+    x = torch.randn(*((3, 4, 5) if dataset == "IMDB" else (3, 2, 4, 5)), dtype=torch.float64)
+    return model, x, torch.randint(0, model.n_classes, (3,))
+
+
+@pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
+@pytest.mark.parametrize("act", ["my_hard_sig", "my_sigmoid", "tanh", "hard_sigmoid"])
+@pytest.mark.parametrize("beta0", [0.0, 0.1])
+def test_delta_nudged_phase_equals_plain_steps(dataset, act, beta0):
+    """s0 + δ after K delta steps = K plain steps from s0, also from an unconverged s0 and β1 ≠ 0."""
+    model, x, y = tiny(dataset, act)
+    with torch.no_grad():
+        drive, keys = model.precompute(x)
+        s0, _ = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, 7, beta0, y)
+        setup = model.nudged_setup(s0, drive, keys, beta0, y)
+        for beta in (0.3, -0.3):
+            plain, _ = mu.relax(model, s0, drive, keys, 9, beta, y)
+            d, _ = mu.relax_nudged(model, s0, setup, keys, 9, beta, beta0, y)
+            for a, b, c in zip(plain, s0, d):
+                torch.testing.assert_close(b + c, a, rtol=1e-10, atol=1e-12)
+
+
+def test_hebbian_difference_form_is_accurate_in_float32():
+    """The FC Hebbian difference of two nearly equal states, float32 against float64."""
+    torch.manual_seed(0)
+    model = mu.EPNet("IMDB", 6, 8, [300, 40, 2], "my_hard_sig")
+    x = torch.randn(64, 6, 8)
+    s = [torch.rand_like(t) for t in model.init_states(64)]
+    d = [1e-4 * torch.randn_like(t) for t in s]
+    s2 = [a + b for a, b in zip(s, d)]
+    h32 = model.hebbian(x, s2, s, d)
+    m64 = model.double()
+    h64 = m64.hebbian(x.double(), [t.double() for t in s2], [t.double() for t in s], [t.double() for t in d])
+    for a, b in zip(h32, h64):
+        assert rel(a, b) < 1e-6
+
+
+def load_shipped(name):
+    folder = ROOT / "saved_models" / name
+    if not (folder / "best_model.pt").is_file():
+        pytest.skip(f"{folder} is absent")
+    ckpt = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
+    with np.load(folder / "embeddings.npz", allow_pickle=False) as f:
+        vectors = torch.from_numpy(f["vectors"]).float()
+    return ckpt, torch.cat([torch.zeros(1, vectors.shape[1]), vectors])
+
+
+@pytest.mark.parametrize("name,B", [("test_SNLI_25_300", 16), ("test_IMDB_200_100", 8)])
+def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B):
+    """A trained model's EP gradient in float32 is within 1e-5 (relative) of float64 on every layer."""
+    ckpt, vectors = load_shipped(name)
+    cfg, hyper = ckpt["config"]["model"], ckpt["config"]["hyper"]
+    g = torch.Generator().manual_seed(0)
+    shape = (B, cfg["seq_len"]) if cfg["dataset"] == "IMDB" else (B, 2, cfg["seq_len"])
+    ids = torch.randint(1, min(len(vectors), 3000), shape, generator=g)
+    y = torch.randint(0, cfg["fc_layers"][-1], (B,), generator=g)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        model = mu.build_model(cfg)
+        model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+        model = model.to(dtype)
+        mu.ep_gradients(model, vectors[ids].to(dtype), y, hyper["T"], hyper["K"], tuple(hyper["betas"]), True)
+        grads[dtype] = [p.grad for p in model.params()]
+    errs = {n: rel(a, b) for n, a, b in zip(model.param_names(), grads[torch.float32], grads[torch.float64])}
+    assert max(errs.values()) < 1e-5, errs
