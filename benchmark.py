@@ -314,6 +314,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
+    if args.bf16:
+        try:
+            notice = mu.bf16_notice(device)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if notice:
+            print(notice, file=sys.stderr)
     model = mu.EPNet(args.dataset, args.seqLen, args.embed_dim, args.fc_layers, args.act,
                      getattr(args, "gamma", None))
     if args.data is not None:

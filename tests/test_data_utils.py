@@ -367,10 +367,53 @@ def test_vector_formats(imdb_dir, kind):
         kv.add_vectors(WORDS, np.stack([vec(w) for w in WORDS]))
         path = p.with_suffix('.kv')
         kv.save(str(path))
-    data = du.load_data(make_args(imdb_dir, embeddings=str(path)), log=quiet)
+    if kind == 'kv':  # a pickle: refused in one line unless the user opts in
+        with pytest.raises(du.DataError, match='--trust-pickle'):
+            du.load_data(make_args(imdb_dir, embeddings=str(path)), log=quiet)
+    data = du.load_data(make_args(imdb_dir, embeddings=str(path), trust_pickle=kind == 'kv'), log=quiet)
     reference = du.load_data(make_args(imdb_dir), log=quiet)
     assert data.vocab == reference.vocab and torch.equal(data.embeddings, reference.embeddings)
     assert torch.equal(data.train.ids, reference.train.ids)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('entry', ['x_train', 'y_test'])
+def test_crafted_keras_npz_runs_nothing(tmp_path, entry):
+    """An imdb.npz whose object array holds a pickled callable: one line, exit 2, nothing ran."""
+    d = tmp_path / 'data'
+    d.mkdir()
+    (d / 'imdb_word_index.json').write_text(json.dumps({'good': 1, 'movie': 2}))
+    ok = np.empty(1, dtype=object)
+    ok[0] = [1, 4, 5]
+    bad = np.empty(1, dtype=object)
+    bad[0] = _RunsCode(tmp_path / 'ran')
+    arrays = {'x_train': ok, 'y_train': np.array([1]), 'x_test': ok, 'y_test': np.array([0])}
+    arrays[entry] = bad
+    np.savez(d / 'imdb.npz', **arrays)
+    with pytest.raises(du.DataError, match='cannot read Keras IMDB file .* safely'):
+        du.load_data(make_args(tmp_path, imdb_source='keras'), log=quiet)
+    proc = subprocess.run([sys.executable, str(ROOT / 'main.py'), '--dataset', 'IMDB', '--data-dir', str(d),
+                           '--imdb-source', 'keras', '--cache-dir', str(tmp_path / 'cache'), '--seqLen', '4',
+                           '--fc_layers', '4', '2', '--lrs', '0.1', '0.1', '0.1', '--epochs', '1'],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'safely' in proc.stderr, proc.stderr
+    assert not (tmp_path / 'ran').exists()
+
+
+def test_crafted_kv_file_runs_nothing(tmp_path):
+    path = tmp_path / 'vectors.kv'
+    import pickle
+    path.write_bytes(pickle.dumps(_RunsCode(tmp_path / 'ran')))
+    with pytest.raises(du.DataError, match='Python pickles'):
+        du.load_data(make_args(tmp_path, embeddings=str(path)), log=quiet)
+    assert not (tmp_path / 'ran').exists()
 
 
 def test_export_import_npz_round_trip(imdb_dir):
