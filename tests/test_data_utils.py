@@ -588,7 +588,7 @@ def test_bad_snli_files(tmp_path):
     ('latin1.txt', r'cannot read word vectors .*latin1.txt as text: UnicodeDecodeError'),
     ('truncated.bin', r'cannot read word vectors .*truncated.bin as word2vec-binary'),
     ('bad.npz', r'cannot read word vectors .*bad.npz as npz'),
-    ('bad.kv', r'cannot read word vectors .*bad.kv as gensim-kv'),
+    ('bad.kv', r'refusing to load .*bad.kv: gensim .kv files are Python pickles.*--trust-pickle'),
     ('no-such-gensim-model', "word vectors 'no-such-gensim-model' are not in .*downloads are off"),
     ('word2vec-train:0', 'word2vec-train dimension must be between 1 and 4096'),
 ])

@@ -114,3 +114,19 @@ def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B):
         grads[dtype] = [p.grad for p in model.params()]
     errs = {n: rel(a, b) for n, a, b in zip(model.param_names(), grads[torch.float32], grads[torch.float64])}
     assert max(errs.values()) < 1e-5, errs
+
+
+def test_precision_tool_reports_each_policy(capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ep_precision", ROOT / "tools" / "ep_precision.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    if not (ROOT / "saved_models" / "test_SNLI_25_300" / "best_model.pt").is_file():
+        pytest.skip("shipped SNLI model absent")
+    assert tool.main([str(ROOT / "saved_models" / "test_SNLI_25_300"), "--batch", "2"]) == 0
+    rows = {l.split("  max ")[0].strip(): float(l.split("  max ")[1].split()[0])
+            for l in capsys.readouterr().out.splitlines() if "  max " in l}
+    assert rows["float32"] < 1e-5 < rows["TF32 everywhere"]
+    assert rows["float32"] < rows["TF32 free phase"] < rows["TF32 everywhere"]
+    x = torch.tensor([1.0 + 2 ** -12, 1.0 + 2 ** -9, 3.0])
+    assert tool.to_tf32(x).tolist() == [1.0, 1.0 + 2 ** -9, 3.0]
