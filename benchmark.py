@@ -95,6 +95,8 @@ def parse_args(argv=None):
     a("--reference", action="store_true", help="time the autograd-per-step reference dynamics")
     a("--compare", action="store_true", help="time fast path and reference, alternating")
     a("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
+    a("--tf32", choices=["off", "free", "all"], default="off",
+      help="CUDA TF32 matmuls: off, in the free phase only (main.py's default), or everywhere")
     a("--bf16", action="store_true",
       help="bfloat16 free phase (nudged phases and Hebbian in float32); reports gradient fidelity")
     a("--tol", type=positive(float), help="early stopping tolerance of each phase")
@@ -234,9 +236,11 @@ def train_step(model, opt, x, y, args, reference):
                                   reference=True)
     elif args.alg == "EP":
         _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
-                                  args.tol, torch.bfloat16 if args.bf16 else None)
+                                  args.tol, torch.bfloat16 if args.bf16 else None,
+                                  free_tf32=args.tf32 == "free")
     else:
-        _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint)
+        _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint,
+                                    free_tf32=args.tf32 == "free")
     opt.step()
     total = clock()
     return dict(info, total_s=total, update_s=total - info["free_s"] - info["nudged_s"])
@@ -329,6 +333,7 @@ def main(argv=None):
     model = model.to(device, dtype)
     if args.compile:
         model.compile_step()
+    mu.set_cuda_tf32(args.tf32 == "all")
     opt = mu.make_optimizer(model, [1e-5] * model.n_synapse_layers)
     gen = torch.Generator().manual_seed(args.seed)
     modes = [False, True] if args.compare else [args.reference]
@@ -352,7 +357,7 @@ def main(argv=None):
                 "threads": torch.get_num_threads(), "alg": args.alg,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
-                "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint,
+                "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
                 "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,
                 "step_gflop": step_flops(model, args.batch_size) / 1e9,

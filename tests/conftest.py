@@ -38,6 +38,16 @@ def write_vectors(path, words, dim=6, seed=0, header=True):
     return path
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The math checks run on the CPU and, where there is one, on CUDA."""
+    return request.param
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long real-data tests (run with SEQLEARN_EP_SLOW=1)")
 

@@ -170,3 +170,27 @@ def test_benchmark_reference_refuses_speed_options():
     for flag in (["--tol", "1e-3"], ["--compile"]):
         with pytest.raises(SystemExit):
             benchmark.parse_args(["--reference", *flag])
+
+
+def test_gpu_check_quick_mode_runs_every_section(tmp_path):
+    """tools/gpu_check.py --quick: the CUDA check's CPU mode, so that it keeps working."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    shared = root / ".." / "shared" / "data"
+    data = next((d for d in (root / "data", shared) if (d / "snli").is_dir()), tmp_path / "none")
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(root / "tools" / "gpu_check.py"), "--quick", "--data-dir", str(data),
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["math"]["result"]["ok"]
+    assert report["precision"]["result"]["float32"]["max"] < 1e-5
+    assert report["speed"]["result"]["SNLI"]["float32_vs_reference"]["samples_per_s"] > 0
+    assert "bf16_grad_rel_err" in report["speed"]["result"]["IMDB"]["bf16"]
+    if data.name != "none":
+        assert report["test"]["result"]["ok"] and report["train"]["result"]["ok"]
+    assert report["projection"]["hours_50_epochs_float32"]["IMDB"] > 0

@@ -23,9 +23,9 @@ def random_state(model, B, dtype=torch.float64):
 
 @pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
 @pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_closed_form_state_gradient_equals_autograd(dataset, beta):
-    model, x, y = tiny(dataset)
-    s = [t.requires_grad_(True) for t in random_state(model, 3)]
+def test_closed_form_state_gradient_equals_autograd(dataset, beta, device):
+    model, x, y = [t.to(device) for t in tiny(dataset)]
+    s = [t.to(device).requires_grad_(True) for t in random_state(model, 3)]
     auto = torch.autograd.grad(model.phi(x, s, beta, y).sum(), s)
     drive, _ = model.precompute(x)
     closed = model.grad_states([t.detach() for t in s], drive, beta, y)
@@ -43,9 +43,9 @@ def test_fast_step_equals_autograd_reference_step(dataset):
 
 
 @pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
-def test_hebbian_equals_autograd_param_gradient(dataset):
-    model, x, y = tiny(dataset)
-    s = random_state(model, 3)
+def test_hebbian_equals_autograd_param_gradient(dataset, device):
+    model, x, y = [t.to(device) for t in tiny(dataset)]
+    s = [t.to(device) for t in random_state(model, 3)]
     auto = torch.autograd.grad(model.phi(x, s).mean(), model.params())
     for a, h in zip(auto, model.hebbian(x, s)):
         torch.testing.assert_close(h, a, rtol=1e-10, atol=1e-12)
@@ -94,7 +94,7 @@ def bptt_reference_gradient(model, x, y, T):
     """Gradient of the loss at the free-phase fixed point, by autograd through all T steps."""
     model.zero_grad(set_to_none=True)
     drive, keys = model.precompute(x)
-    s = model.init_states(x.shape[0], dtype=x.dtype)
+    s = model.init_states(x.shape[0], x.device, x.dtype)
     for _ in range(T):
         s = model.step(s, drive, keys)
     mu.mse_loss(s[-1], y).backward()
@@ -106,8 +106,8 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
-def test_three_phase_ep_matches_bptt_and_beats_two_phase(dataset):
-    model, x, y = converged_problem(dataset)
+def test_three_phase_ep_matches_bptt_and_beats_two_phase(dataset, device):
+    model, x, y = [t.to(device) for t in converged_problem(dataset)]
     ref = bptt_reference_gradient(model, x, y, T=150)
     errs = {}
     for third in (False, True):

@@ -97,7 +97,7 @@ def load_shipped(name):
 
 
 @pytest.mark.parametrize("name,B", [("test_SNLI_25_300", 16), ("test_IMDB_200_100", 8)])
-def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B):
+def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B, device):
     """A trained model's EP gradient in float32 is within 1e-5 (relative) of float64 on every layer."""
     ckpt, vectors = load_shipped(name)
     cfg, hyper = ckpt["config"]["model"], ckpt["config"]["hyper"]
@@ -109,8 +109,10 @@ def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B):
     for dtype in (torch.float32, torch.float64):
         model = mu.build_model(cfg)
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
-        model = model.to(dtype)
-        mu.ep_gradients(model, vectors[ids].to(dtype), y, hyper["T"], hyper["K"], tuple(hyper["betas"]), True)
+        model = model.to(device, dtype)
+        with mu.cuda_tf32(False):
+            mu.ep_gradients(model, vectors[ids].to(device, dtype), y.to(device), hyper["T"], hyper["K"],
+                            tuple(hyper["betas"]), True)
         grads[dtype] = [p.grad for p in model.params()]
     errs = {n: rel(a, b) for n, a, b in zip(model.param_names(), grads[torch.float32], grads[torch.float64])}
     assert max(errs.values()) < 1e-5, errs
