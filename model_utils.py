@@ -351,7 +351,7 @@ class EPNet(nn.Module):
         With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), computed from the state differences
         so that the two nearly equal products never cancel inside a float32 (or TF32)
         accumulation: post·preᵀ − post_ref·pre_refᵀ = (post − post_ref)·preᵀ + post_ref·(pre − pre_ref)ᵀ,
-        the same FLOPs as one product over a doubled batch and about 1000x more accurate.
+        the same FLOPs as one product over a doubled batch (docs/precision.md).
         diff: s − s_ref when it is known more precisely than the rounded states give it."""
         B = s[0].shape[0]
         xs = self.inputs(x)
