@@ -1,4 +1,4 @@
-"""IMDB and SNLI as token ids plus one embedding matrix, prepared and cached on disk (SPEC §4).
+"""IMDB and SNLI as token ids plus one embedding matrix, prepared and cached on disk (docs/method.md §4).
 
 Pipeline: find the source files -> clean + tokenize every text (cached: "tokens") ->
 look the occurring words up in the word vectors, drop OOV tokens, pad/trim to seqLen
@@ -132,7 +132,7 @@ def _dataset_name(dataset) -> str:
 
 
 def clean_text(text, dataset) -> str:
-    """SPEC §4 cleaning: strip HTML, drop [...] spans, keep letters/digits/.!?,/whitespace, lowercase."""
+    """docs/method.md §4 cleaning: strip HTML, drop [...] spans, keep letters/digits/.!?,/whitespace, lowercase."""
     if '<' in text or '&' in text:
         text = _BR.sub(' ', text)                # line breaks separate words; the rest goes to BeautifulSoup
         if '<' in text or '&' in text:
@@ -344,13 +344,15 @@ def _verify_archive(path, name):
 class _TokenBuilder:
     """Collects tokenized examples as int32 ids into one word table; sorted and packed at the end."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, splits=None):
+        self.dataset, self.splits = dataset, splits   # splits: read only these (None: all)
         self.word_id = {}
         self.words = []
         self.rows = defaultdict(list)   # split -> [(sort key, label, [array('i') per text field])]
 
     def add(self, split, key, label, texts):
+        if self.splits is not None and split not in self.splits:
+            return                                  # not needed: skip the tokenizing
         fields = []
         for text in texts:
             ids = array('i')
@@ -700,19 +702,19 @@ def _snli_source(files: dict):
             log(f'SNLI: skipped {skipped_empty} pairs with an empty sentence')
 
     warnings = []
-    train = files['train']
-    if not re.fullmatch(r'snli_1\.0_train\.(jsonl|txt|csv)(\.gz)?', train.name):
+    train = files.get('train')
+    if train is not None and not re.fullmatch(r'snli_1\.0_train\.(jsonl|txt|csv)(\.gz)?', train.name):
         warnings.append(f'WARNING: SNLI train file is {train.name}, not the official snli_1.0_train: '
                         'results are not comparable with full-train results')
     return _Source('snli', {split: _stat(p) for split, p in files.items()}, read, warnings)
 
 
-def _find_snli(data_dir: Path, cache_dir: Path, log) -> _Source:
+def _find_snli(data_dir: Path, cache_dir: Path, log, splits=None) -> _Source:
     dirs = [data_dir / sub if sub != '.' else data_dir for sub in _SNLI_DIRS] + [cache_dir / 'downloads' / 'snli_1.0']
 
     def locate():
         files = {}
-        for split in ('train', 'dev', 'test'):
+        for split in [s for s in ('train', 'dev', 'test') if splits is None or s in splits]:
             for d in dirs:
                 found = _snli_candidates(d, split) if d.is_dir() else []
                 if found:
@@ -722,15 +724,16 @@ def _find_snli(data_dir: Path, cache_dir: Path, log) -> _Source:
                     break
         return files
 
+    needed = [s for s in ('train', 'test') if splits is None or s in splits]
     files, download_error = locate(), None
-    if 'train' not in files or 'test' not in files:
+    if any(s not in files for s in needed):
         try:
             _fetch_snli(cache_dir, log)
             files = locate()
         except DataError as e:
             download_error = str(e)
-    if 'train' not in files or 'test' not in files:
-        missing = ' and '.join(s for s in ('train', 'test') if s not in files)
+    if any(s not in files for s in needed):
+        missing = ' and '.join(s for s in needed if s not in files)
         raise DataError(f'SNLI {missing} not found: looked for snli_1.0_{{train*,dev,test}}'
                         f'{{{",".join(_SNLI_EXTS)}}} in {", ".join(str(d) for d in dirs)}'
                         + (f'; download: {download_error}' if download_error else '')
@@ -1101,23 +1104,24 @@ def _arg(args, name, default=None):
     return default if value is None else value
 
 
-def _find_source(dataset, data_dir: Path, cache_dir: Path, imdb_source, log) -> _Source:
+def _find_source(dataset, data_dir: Path, cache_dir: Path, imdb_source, log, splits=None) -> _Source:
     return _find_imdb(data_dir, cache_dir, imdb_source, log) if dataset == 'IMDB' \
-        else _find_snli(data_dir, cache_dir, log)
+        else _find_snli(data_dir, cache_dir, log, splits)
 
 
-def _tokens_key_path(dataset, source, cache_dir: Path):
-    """Cache key and file of a source's tokenized splits."""
-    key = _hash([TOKENS_VERSION, dataset, source.kind, source.info])
+def _tokens_key_path(dataset, source, cache_dir: Path, splits=None):
+    """Cache key and file of a source's tokenized splits (all, or only `splits`)."""
+    key = _hash([TOKENS_VERSION, dataset, source.kind, source.info] + ([sorted(splits)] if splits else []))
     return key, cache_dir / 'tokens' / f'{dataset}-{key}.pt'
 
 
-def _load_tokens(dataset, source, tokens_path, log):
+def _load_tokens(dataset, source, tokens_path, log, splits=None):
     """The tokenized splits of a source, from the cache or read and tokenized now (then cached)."""
     tokens = _load_cache(tokens_path, log)
     if tokens is None:
-        log(f'{dataset}: reading and tokenizing {source.kind} source')
-        builder = _TokenBuilder(dataset)
+        log(f'{dataset}: reading and tokenizing {source.kind} source'
+            + (f' ({", ".join(splits)} only)' if splits else ''))
+        builder = _TokenBuilder(dataset, splits)
         source.read(builder, log)
         tokens = builder.finish()
         _save_cache(tokens, tokens_path, log)
@@ -1141,12 +1145,13 @@ def load_data(args, log=print) -> Data:
     data_dir = Path(_arg(args, 'data_dir', './data')).expanduser()
     cache_dir = Path(_arg(args, 'cache_dir', os.environ.get(CACHE_ENV) or '~/.cache/seqlearn-ep')).expanduser()
 
-    source = _find_source(dataset, data_dir, cache_dir, _arg(args, 'imdb_source', 'auto'), log)
+    only = _arg(args, 'splits')   # e.g. ['test']: read and tokenize only these splits
+    source = _find_source(dataset, data_dir, cache_dir, _arg(args, 'imdb_source', 'auto'), log, only)
     for w in source.warnings:
         log(w)
     emb = _resolve_embeddings(_arg(args, 'embeddings', 'auto'), log, bool(_arg(args, 'trust_pickle', False)))
 
-    tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir)
+    tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir, only)
     prepared_key = _hash([PREPARED_VERSION, tokens_key, emb.identity, seq_len])
     prepared_path = cache_dir / 'prepared' / f'{dataset}-{prepared_key}-L{seq_len}.pt'
 
@@ -1155,7 +1160,7 @@ def load_data(args, log=print) -> Data:
     if hit:
         log(f'{dataset}: prepared data from cache {prepared_path}')
     else:
-        tokens = _load_tokens(dataset, source, tokens_path, log)
+        tokens = _load_tokens(dataset, source, tokens_path, log, only)
         tokens['key'] = tokens_key
         vectors = emb.load(tokens, cache_dir, log)
         prepared = _prepare(tokens, vectors, seq_len, log)
@@ -1168,8 +1173,11 @@ def load_data(args, log=print) -> Data:
         f'{emb.identity["name"]} and were dropped ({oov["oov_types"]:,} of {oov["types"]:,} word types)')
 
     splits = {k: Split(v['ids'], v['labels']) for k, v in prepared['splits'].items()}
-    train, test = splits['train'], splits['test']
-    if 'dev' in splits:
+    test = splits['test']
+    train = splits.get('train', Split(test.ids[:0], test.labels[:0]))
+    if only and 'train' not in only:
+        val, val_info = train, {'source': 'none (only ' + ', '.join(only) + ' read)'}
+    elif 'dev' in splits:
         val, val_info = splits['dev'], {'source': 'official dev file', 'seed': SPLIT_SEED}
     else:
         picked = _stratified_pick(train.labels, fraction=val_split)
@@ -1213,6 +1221,16 @@ def encode_texts(texts, vocab, dataset, seq_len) -> torch.Tensor:
     for n, text in enumerate(texts):
         ids = [i for i in (word_id.get(t, 0) for t in tokenize(text, dataset)) if i > 0][:seq_len]
         out[n, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    return out
+
+
+def known_words(texts, vocab, dataset):
+    """(known, total) token counts per text: how many of its tokens have a vector in `vocab`."""
+    word_id = vocab if isinstance(vocab, dict) else {w: i for i, w in enumerate(vocab)}
+    out = []
+    for text in texts:
+        toks = tokenize(text, dataset)
+        out.append((sum(1 for t in toks if word_id.get(t, 0) > 0), len(toks)))
     return out
 
 

@@ -64,8 +64,8 @@ def build_parser():
     a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
     a("--act", choices=sorted(mu.ACTIVATIONS), help="activation σ (default my_hard_sig)")
     a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
-    a("--init", choices=mu.INITS, help="initial FC biases: centred (default: at the middle of σ's "
-      "working range, so no unit starts on a flat part) or torch (nn.Linear's, zero-centred)")
+    a("--init", choices=mu.INITS, help="initial output biases: centred (default: at the middle of "
+      "σ's working range, so no output unit starts on a flat part) or torch (nn.Linear's, zero-centred)")
     a("--execute", choices=["train", "test", "gducheck", "predict", "export"], default="train",
       help="train, test a stored model, GDU check, predict texts, or export a run for sharing")
     a("--alg", choices=["EP", "BPTT"], help="learning algorithm (default EP)")
@@ -100,7 +100,7 @@ def build_parser():
            "recorded steps, evaluation, export, predict and the GDU check always use full float32)")
     a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
     a("--results-dir", dest="results_dir",
-      help="run folder (default results/<dataset>/<date>/<time>_gpu<device>/)")
+      help="run folder (default results/<dataset>/<date>/<time>_<cpu|cudaN>/)")
     a("--overwrite", action="store_true", help="allow reusing a run folder that holds a run")
     a("--dist-timeout", dest="dist_timeout", type=float, default=1800,
       help="torchrun: seconds a rank waits for the others before failing (default 1800)")
@@ -143,8 +143,8 @@ def resolve(args, saved=None):
     info = saved.get("data", {})  # the data options of a loaded run, unless given again
     if getattr(args, "val_split", None) is None and info.get("val", {}).get("fraction") is not None:
         args.val_split = info["val"]["fraction"]
-    for key in ("max_train", "max_test"):
-        if getattr(args, key, None) is None:
+    for key in ("max_train", "max_test"):  # a resumed run keeps its subsamples; test uses all
+        if getattr(args, key, None) is None and args.execute == "train":
             setattr(args, key, info.get("subsample", {}).get(key))
     hyper = saved.get("hyper", {})
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
@@ -291,11 +291,12 @@ def restore_model(ckpt, path):
     return model
 
 
-def default_run_dir(args):
+def default_run_dir(args, kind=None):
+    """results/<dataset>/<date>/<time>_<cpu|cudaN>[_<kind>]"""
     now = datetime.datetime.now()
-    dev = args.device_obj.index if args.device_obj.type == "cuda" else "cpu"
+    dev = f"cuda{args.device_obj.index or 0}" if args.device_obj.type == "cuda" else "cpu"
     return os.path.join("results", args.dataset, now.strftime("%Y-%m-%d"),
-                        now.strftime("%H-%M-%S") + f"_gpu{dev}")
+                        now.strftime("%H-%M-%S") + f"_{dev}" + (f"_{kind}" if kind else ""))
 
 
 def prepare_run_dir(path, resuming, overwrite):
@@ -344,6 +345,8 @@ def load_data(args, log):
     dist = getattr(args, "dist", None)
     if dist is not None and not dist.main:
         dist.barrier()  # under torchrun rank 0 prepares (and caches) the data first
+    # evaluation modes read and tokenize only the test split
+    args.splits = ["test"] if args.execute in ("test", "export", "gducheck") else None
     data = data_utils.load_data(args, log=log)
     if dist is not None and dist.main:
         dist.barrier()
@@ -377,7 +380,7 @@ def command_line(argv):
 
 
 # ----------------------------------------------------------------------------- train
-def plot_accuracy(history, path):
+def plot_accuracy(history, path, title="accuracy per epoch"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -388,6 +391,8 @@ def plot_accuracy(history, path):
             ax.plot(*zip(*pts), marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -460,6 +465,8 @@ def train(args, log):
         resume_dir = args.load_path if resuming and os.path.isdir(args.load_path) else None
         run_dir = args.results_dir or resume_dir or default_run_dir(args)
         same = resume_dir is not None and os.path.abspath(run_dir) == os.path.abspath(resume_dir)
+        created = not os.path.exists(run_dir)
+        fresh = not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         prepare_run_dir(run_dir, same, args.overwrite)
         emb_path = os.path.join(run_dir, "embeddings.npz")
         if not os.path.exists(emb_path):
@@ -481,6 +488,9 @@ def train(args, log):
            f"per process per batch" if dist else ""))
 
     embeddings = data.embeddings.to(args.device_obj)
+
+    if len(data.train) and start_epoch < args.epochs:
+        log(time_estimate(args, model, data, embeddings, args.epochs - start_epoch))
 
     def evaluate(split, desc):
         return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
@@ -525,17 +535,19 @@ def train(args, log):
             if run_dir:
                 with deferred_sigint():  # Ctrl-C waits until this epoch's files are complete
                     save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved)
-    except KeyboardInterrupt:
-        where = f"; the last complete epoch is saved in {run_dir}/checkpoint.pt" if run_dir else ""
-        log(f"interrupted during epoch {epoch + 1}{where}")
-        return 130
-    except mu.DivergenceError as e:
-        where = f"; the last good checkpoint is kept in {run_dir}" if run_dir else ""
-        log(f"error: training diverged in epoch {epoch + 1}: {e}{where}. Lower --lrs or --betas.")
-        return 3
-    except mu.DeadNetworkError as e:
-        where = f" (the last checkpoint is kept in {run_dir})" if run_dir else ""
-        log(f"error: the network died in epoch {epoch + 1}{where}: {e}")
+    except (KeyboardInterrupt, mu.DivergenceError, mu.DeadNetworkError) as e:
+        kept = run_dir and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+        if run_dir and not kept and fresh:  # no epoch completed: leave nothing half-made
+            abandon_run_dir(run_dir, created)
+        where = (f"; the last complete epoch is kept in {run_dir}/checkpoint.pt (resume with "
+                 f"--load-path {run_dir})" if kept else
+                 f"; no epoch had completed, so {run_dir} was removed" if run_dir else "")
+        if isinstance(e, KeyboardInterrupt):
+            log(f"interrupted during epoch {epoch + 1}{where}")
+            return 130
+        what = "training diverged" if isinstance(e, mu.DivergenceError) else "the network died"
+        log(f"error: {what} in epoch {epoch + 1}: {e}{where}"
+            + (". Lower --lrs or --betas." if isinstance(e, mu.DivergenceError) else ""))
         return 3
 
     if args.save and args.epochs > 0:
@@ -566,6 +578,45 @@ def train(args, log):
     return 0
 
 
+def _duration(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def time_estimate(args, model, data, embeddings, epochs):
+    """One line, before the first batch: the time per epoch and for the run, from one timed
+    step of the dynamics on a real batch; and a plain word when the job is GPU-scale."""
+    B = min(args.batch_size, len(data.train))
+    x = mu.embed(embeddings, data.train.ids[:B].to(embeddings.device), next(model.parameters()).dtype)
+    step = mu.seconds_per_step(model, x)
+    world = args.dist.world if args.dist else 1
+    # EP: T free + K (or 2K) nudged steps; BPTT: T forward steps + about 2 steps' work per backpropagated one
+    train_steps = args.T + (args.K * (2 if args.thirdphase else 1) if args.alg == "EP" else 2 * args.K)
+    batches = math.ceil(len(data.train) / args.batch_size)
+    evals = math.ceil((len(data.val) + len(data.test) / max(args.test_every or args.epochs, 1)) / args.batch_size)
+    epoch = step * (B / args.batch_size) * (batches * train_steps + evals * args.T) / world
+    line = (f"estimate: one step of the dynamics takes {step * 1e3:.0f} ms on a batch of {B}, so one epoch "
+            f"({batches} batches x {train_steps} steps, then evaluation) about {_duration(epoch)}, "
+            f"{epochs} epoch(s) about {_duration(epoch * epochs)} on {args.device_obj}")
+    if args.device_obj.type == "cpu" and epoch > 3600:
+        line += (". This is a GPU-scale job: run it on a CUDA machine (--device N), or shrink it for the "
+                 "CPU (--seqLen, --fc_layers, --max-train; see the quick start)")
+    return line
+
+
+def abandon_run_dir(run_dir, created):
+    """Remove what a fresh run wrote before its first complete epoch (and the folder, if the
+    run created it and nothing else is in it)."""
+    for name in ("embeddings.npz", "command.txt", "config.json"):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(run_dir, name))
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)
+
+
 def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved):
     """After every epoch: checkpoint, best model, metrics and curves, each written atomically."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
@@ -576,7 +627,9 @@ def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, bes
         save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
     save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
     save_json(history, os.path.join(run_dir, "metrics.json"))
-    plot_accuracy(history, os.path.join(run_dir, "accuracy.png"))
+    plot_accuracy(history, os.path.join(run_dir, "accuracy.png"),
+                  f"{config['model']['dataset']} {config['hyper']['alg']}: accuracy per epoch "
+                  f"({os.path.basename(os.path.normpath(run_dir))})")
 
 
 @contextlib.contextmanager
@@ -662,8 +715,7 @@ def gducheck(args, log):
         model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma,
                          args.init)
     model = model.to(args.device_obj)
-    out_dir = args.results_dir or (args.load_path if args.load_path and os.path.isdir(args.load_path)
-                                   else default_run_dir(args))
+    out_dir = args.results_dir or default_run_dir(args, "gducheck")  # never into --load-path
     os.makedirs(out_dir, exist_ok=True)
     n = min(args.gdu_samples, len(data.test))
     idx = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(args.seed))[:n]
@@ -692,11 +744,31 @@ def predict(args, log):
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
                              free_dtype=torch.bfloat16 if args.bf16 else None)
-    for text, o in zip(texts, out):
-        label = LABELS[args.dataset][int(o.argmax())]
-        shown = text if isinstance(text, str) else " ||| ".join(text)
-        print(f"{label}\t[{', '.join(f'{v:.3f}' for v in o.tolist())}]\t{shown[:80]}")
+    fields = [list(texts)] if args.dataset == "IMDB" else [list(t) for t in zip(*texts)]
+    known = [data_utils.known_words(f, vocab, args.dataset) for f in fields]  # per field, per text
+    print_predictions(texts, out, known, args.dataset, log)
     return 0
+
+
+def print_predictions(texts, out, known, dataset, log, width=300):
+    """A tab-separated table with a header: label, one score per class (the output neurons
+    after the free phase: trained towards one-hot targets, not probabilities), the known words
+    of each text, and the text (cut at `width` characters with a visible mark)."""
+    classes = LABELS[dataset]
+    print("\t".join(["label", *[f"score:{c}" for c in classes], "known_words", "text"]))
+    for n, (text, o) in enumerate(zip(texts, out)):
+        shown = text if isinstance(text, str) else " ||| ".join(text)
+        if len(shown) > width:
+            shown = shown[:width] + f" …[{len(shown) - width} more characters]"
+        counts = [k[n] for k in known]
+        print("\t".join([classes[int(o.argmax())], *[f"{v:.3f}" for v in o.tolist()],
+                         " | ".join(f"{a}/{b}" for a, b in counts), shown]))
+        fewest = min(a for a, _ in counts)
+        if fewest < 3:
+            log(f"WARNING: text {n + 1} has {'no' if fewest == 0 else f'only {fewest}'} word(s) the model knows"
+                f"{' in one sentence' if len(counts) > 1 else ''}: its label mostly reflects the network's bias")
+    log(f"scores: the output neurons after the free phase (trained towards one-hot targets; "
+        f"not probabilities, they need not sum to 1)")
 
 
 def export(args, log):

@@ -1,6 +1,6 @@
 """Convergent RNNs with modern-Hopfield projection layers, trained by Equilibrium Propagation.
 
-Everything follows from one scalar, the primitive function Φ (SPEC §1). This module holds:
+Everything follows from one scalar, the primitive function Φ (docs/method.md §1). This module holds:
 the activations, the model (IMDB: one projection layer; SNLI: four parallel ones) with Φ,
 its closed-form state gradients and the Hebbian parameter gradients, the synchronous
 dynamics, the 2- and 3-phase EP update, the BPTT baseline, and the train / evaluate loops.
@@ -179,7 +179,7 @@ class DivergenceError(RuntimeError):
 
 # ----------------------------------------------------------------------------- the model
 class EPNet(nn.Module):
-    """Convergent RNN: P parallel Hopfield projection layers followed by an FC stack (SPEC §1)."""
+    """Convergent RNN: P parallel Hopfield projection layers followed by an FC stack (docs/method.md §1)."""
 
     def __init__(self, dataset, seq_len, embed_dim, fc_layers, act="my_hard_sig", gamma=None,
                  init="centred"):
@@ -209,13 +209,15 @@ class EPNet(nn.Module):
             self.centre_biases()
 
     def centre_biases(self):
-        """Shift every FC bias by the centre of σ's working range (my_hard_sig: 1, i.e. σ = ½),
-        keeping nn.Linear's ±1/√fan_in spread. With nn.Linear's zero-centred biases a hard
-        sigmoid starts about half of its units on the flat part at 0, and at times the whole
-        output layer, which then passes neither nudge nor gradient (a dead network at 50 %)."""
+        """Shift the output layer's biases by the centre of σ's working range (my_hard_sig: 1,
+        i.e. σ = ½), keeping nn.Linear's ±1/√fan_in spread. With nn.Linear's zero-centred
+        biases a hard sigmoid starts about half of its units on the flat part at 0, and at
+        times the whole output layer, which then passes neither nudge nor gradient (a dead
+        network at 50 %). Hidden layers keep nn.Linear's biases: centring them too puts every
+        hidden unit at ½, and the common-mode input that gives the output layer stalled
+        learning on IMDB (docs/precision.md)."""
         with torch.no_grad():
-            for layer in self.fc:
-                layer.bias.add_(ACTIVATION_CENTRE[self.act_name])
+            self.fc[-1].bias.add_(ACTIVATION_CENTRE[self.act_name])
 
     @property
     def n_classes(self):
@@ -266,7 +268,7 @@ class EPNet(nn.Module):
 
     # -- Φ and its gradients ----------------------------------------------------------
     def phi(self, x, s, beta=0.0, y=None, p=None):
-        """Primitive function Φ(x, s, θ; β, y) per sample, shape [B] (SPEC §1)."""
+        """Primitive function Φ(x, s, θ; β, y) per sample, shape [B] (docs/method.md §1)."""
         _, W, b = self._split(p)
         drive, _ = self.precompute(x, p)
         out = (s[0] * drive).flatten(1).sum(1)
@@ -277,7 +279,7 @@ class EPNet(nn.Module):
         return out
 
     def grad_states(self, s, drive, beta=0.0, y=None, p=None):
-        """Closed-form ∂Φ/∂s_k for every layer (SPEC §1, 'one step of the dynamics')."""
+        """Closed-form ∂Φ/∂s_k for every layer (docs/method.md §1, 'one step of the dynamics')."""
         _, W, b = self._split(p)
         B = drive.shape[0]  # bottom-up drive + top-down feedback:
         g = [linear(s[1], W[0].t(), add=drive.view(B, -1)).view_as(s[0])]
@@ -347,7 +349,7 @@ class EPNet(nn.Module):
         return [t.detach() for t in self.update(list(g), keys)]
 
     def hebbian(self, x, s, s_ref=None, diff=None):
-        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (SPEC §2.5).
+        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (docs/method.md §2.5).
         With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), computed from the state differences
         so that the two nearly equal products never cancel inside a float32 (or TF32)
         accumulation: post·preᵀ − post_ref·pre_refᵀ = (post − post_ref)·preᵀ + post_ref·(pre − pre_ref)ᵀ,
@@ -447,7 +449,7 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     for t in range(steps):
         new = step(s, drive, keys, beta, y, p) if x is None else \
             model.step_reference(x, s, keys, beta, y)
-        if tol is not None and max(_rel_change(a, b) for a, b in zip(new, s)) < tol:
+        if tol is not None and relative_change(new, s) < tol:
             return new, t + 1
         s = new
     return s, steps
@@ -472,10 +474,27 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
     return d, steps
 
 
+def relative_change(new, old):
+    """The one convergence measure of the tool (--tol, the GDU check, its console and plots):
+    the largest relative change of any layer, max_k ‖new_k − old_k‖∞ / ‖new_k‖∞."""
+    return max(_rel_change(a, b) for a, b in zip(new, old))
+
+
 def _rel_change(new, old, base=None):
     if base is not None:  # new and old are offsets from base
         return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()
     return ((new - old).abs().max() / (new.abs().max() + 1e-12)).item()
+
+
+@torch.no_grad()
+def seconds_per_step(model, x):
+    """Wall time of one synchronous step of the dynamics on batch x (the second of two steps,
+    so that one-time allocation is not counted): the unit of every time estimate."""
+    drive, keys = model.precompute(x)
+    s = model.step(model.init_states(x.shape[0], x.device, x.dtype), drive, keys)
+    clock = Clock(x.device)
+    model.step(s, drive, keys)
+    return clock()
 
 
 def check_finite(s, phase):
@@ -489,7 +508,7 @@ def check_finite(s, phase):
 def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype=None,
                  reference=False, free_tf32=False):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
-    of the loss gradient (SPEC §2). Returns (free-phase output [B, C], info dict with the
+    of the loss gradient (docs/method.md §2). Returns (free-phase output [B, C], info dict with the
     steps used and the seconds spent in each phase).
     free_dtype: run the free phase in this dtype on copies of the weights (torch.bfloat16:
     CPUs with avx512_bf16, CUDA); the nudged phases and the Hebbian estimate stay in the
@@ -581,7 +600,7 @@ class Clock:
 
 
 def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
-    """T−K free steps without a graph, K recorded steps, backprop of ℓ (SPEC §2, BPTT).
+    """T−K free steps without a graph, K recorded steps, backprop of ℓ (docs/method.md §2, BPTT).
     checkpoint=c > 0: activation checkpointing, the K steps run in segments of c whose
     insides are recomputed during backprop; memory then holds K/c segment boundaries plus
     one segment's activations instead of all K steps (c ≈ √K is least), for one more forward.

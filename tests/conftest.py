@@ -10,6 +10,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+def real_data_dir():
+    """Where the real datasets are: ./data (the README's place) or ../shared/data (development
+    machines); the first that holds imdb/ or snli/. Tests that need them skip when neither does."""
+    for d in (ROOT / "data", ROOT / ".." / "shared" / "data"):
+        if (d / "imdb").is_dir() or (d / "snli").is_dir():
+            return d
+    return ROOT / "data"
+
+
+REAL_DATA = real_data_dir()
+
 POS = ["good", "great", "excellent", "wonderful"]
 NEG = ["bad", "awful", "terrible", "boring"]
 FILLER = ["the", "movie", "film", "was", "plot", "actor", "story", "and", "a", "it"]

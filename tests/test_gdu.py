@@ -136,14 +136,23 @@ def test_metric_definitions():
     assert gdu.sign_agreement(ep, -bptt) == pytest.approx(1 / 3)
 
 
-def test_convergence_trace_and_warning():
-    model, x, _ = converged("SNLI")
+def test_convergence_trace_and_conditions():
+    model, x, y = converged("SNLI")
     trace = gdu.convergence_trace(model, x, 60)
-    assert len(trace["delta"]) == len(trace["phi"]) == 60
+    assert len(trace["delta"]) == len(trace["phi"]) == len(trace["rel"]) == 60
     assert trace["delta"][-1] < 1e-10 < trace["delta"][0]
-    assert "WARNING" not in gdu.format_convergence(trace)
-    short = gdu.format_convergence(gdu.convergence_trace(model, x, 2))
-    assert "WARNING" in short and "increase T" in short
+    assert "below 1e-06 from step" in gdu.format_convergence(trace)
+    assert "never below" in gdu.format_convergence(gdu.convergence_trace(model, x, 2))
+    # the same measure as --tol and the GDU check's residual
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s, used = mu.relax(model, model.init_states(x.shape[0], dtype=x.dtype), drive, keys, 60, tol=1e-6)
+    assert used == next(t + 1 for t, r in enumerate(trace["rel"]) if r < 1e-6)
+    good = gdu.gdu_check(model, x, y, 60, 10, 0.01, True)
+    lines = gdu.format_conditions(good).splitlines()
+    assert len(lines) == 2 and "fixed point: yes" in lines[0] and "small beta: yes" in lines[1]
+    bad = gdu.format_conditions(gdu.gdu_check(model, x, y, 3, 2, 0.5, True))
+    assert "fixed point: NO" in bad and "raise --T" in bad and "small beta: NO" in bad and "--betas 0 0.01" in bad
 
 
 def args_for(**kw):
@@ -175,7 +184,7 @@ def test_run_gducheck_writes_metrics_and_plots(tmp_path, dataset, thirdphase):
     expected = METRIC_KEYS if thirdphase else {k for k in METRIC_KEYS if "one_sided" in k}
     assert all(set(m) == expected for m in saved["layers"].values())
     text = "\n".join(lines)
-    assert "free phase convergence" in text and "relRMSE" in text
+    assert "free phase over T=40 steps" in text and "relRMSE" in text and "GDU conditions" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
     expected_pngs = {f"gdu_{n}.png" for n in model.param_names()} | {
         "gdu_summary.png", "convergence.png",

@@ -14,7 +14,7 @@ from test_main import base_args
 
 torch.set_num_threads(2)
 
-# SPEC: s1 queries p and attends over h, s2 h over p, s3 p over p, s4 h over h.
+# docs/method.md §1: s1 queries p and attends over h, s2 h over p, s3 p over p, s4 h over h.
 SNLI_PAIRS = [("p", "h"), ("h", "p"), ("p", "p"), ("h", "h")]
 
 

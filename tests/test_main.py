@@ -39,7 +39,7 @@ def test_train_save_then_test_reproduces_recorded_accuracy(tiny_imdb, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ["train_acc", "val_acc", "test_acc", "epoch_time_s", "samples_per_s"]:
         assert len(metrics[key]) == 5
-    assert metrics["test_accuracy"] > 0.75  # sentiment words are easy to pick up
+    assert metrics["test_accuracy"] > 0.7  # sentiment words are easy to pick up (chance: 0.5 on 160)
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["fc_layers"] == [16, 2] and config["hyper"]["thirdphase"] is True
     assert "main.py" in (run / "command.txt").read_text()
@@ -85,7 +85,15 @@ def test_predict_prints_label_and_outputs(tiny_imdb, capsys):
     assert main.main(["--execute", "predict", "--load-path", str(run), "--text",
                       "great wonderful excellent movie", "awful terrible boring bad plot"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("positive\t[") and lines[1].startswith("negative\t[")
+    assert lines[0] == "label\tscore:negative\tscore:positive\tknown_words\ttext"
+    assert lines[1].startswith("positive\t") and lines[2].startswith("negative\t")
+    assert lines[1].endswith("\t4/4\tgreat wonderful excellent movie")
+    capsys.readouterr()
+    long = "great " * 100
+    assert main.main(["--execute", "predict", "--load-path", str(run), "--text", long, "zzz qqq"]) == 0
+    out = capsys.readouterr()
+    rows = out.out.strip().splitlines()
+    assert rows[1].endswith("more characters]") and "no word(s) the model knows" in out.out + out.err
 
 
 def test_existing_run_folder_is_not_overwritten(tiny_imdb, capsys):
@@ -209,7 +217,7 @@ def test_ctrl_c_exits_cleanly_with_the_last_complete_epoch_saved(tiny_imdb):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "last complete epoch is saved" in out + err
+    assert "Traceback" not in err and "last complete epoch is kept" in out + err
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert 1 <= ckpt["epoch"] < 200
 
@@ -220,15 +228,23 @@ def test_gducheck_cli_writes_metrics_and_plots_and_check_thm_logs(tiny_imdb):
                                "--check-thm", "--gdu-samples", "4")) == 0
     gdu_log = json.loads((run / "metrics.json").read_text())["gdu"]
     assert [m["epoch"] for m in gdu_log] == [1, 2] and "fc.0.weight" in gdu_log[0]["layers"]
-    assert main.main(["--execute", "gducheck", "--load-path", str(run), "--data-dir", str(tiny_imdb["data"]),
-                      "--cache-dir", str(tiny_imdb["cache"]), "--T", "30", "--K", "8", "--save",
-                      "--gdu-samples", "4"]) == 0
-    metrics = json.loads((run / "gdu_metrics.json").read_text())
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    cwd = os.getcwd()
+    os.chdir(tiny_imdb["tmp"])  # the default output folder is results/... under the working directory
+    try:
+        assert main.main(["--execute", "gducheck", "--load-path", str(run), "--data-dir", str(tiny_imdb["data"]),
+                          "--cache-dir", str(tiny_imdb["cache"]), "--T", "30", "--K", "8", "--save",
+                          "--gdu-samples", "4"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # --load-path is only read
+    out = next((tiny_imdb["tmp"] / "results" / "IMDB").glob("*/*_cpu_gducheck"))
+    metrics = json.loads((out / "gdu_metrics.json").read_text())
     assert metrics["T"] == 30 and metrics["K"] == 8
     assert set(metrics["layers"]["proj.0"]) == {"rel_rmse_one_sided", "rel_rmse_symmetric",
                                                 "sign_agreement_one_sided", "sign_agreement_symmetric"}
     for png in ["gdu_summary.png", "convergence.png", "gdu_proj.0.png"]:
-        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def write_tiny_snli(folder, n=60, seed=0):
@@ -266,7 +282,9 @@ def test_snli_train_and_test_through_the_cli(tmp_path, capsys):
     assert f"test accuracy {recorded:.4f}" in capsys.readouterr().out
     assert main.main(["--execute", "predict", "--load-path", str(run), "--premise", "a man runs here .",
                       "--hypothesis", "the man never sits ."]) == 0
-    assert capsys.readouterr().out.split("\t")[0] in main.LABELS["SNLI"]
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split("\t")[:4] == ["label", "score:neutral", "score:contradiction", "score:entailment"]
+    assert rows[1].split("\t")[0] in main.LABELS["SNLI"]
 
 
 def test_export_stores_half_precision_weights_and_test_reproduces_its_accuracy(tiny_imdb, capsys):

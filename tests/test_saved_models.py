@@ -13,7 +13,7 @@ from conftest import ROOT
 
 SAVED = ROOT / "saved_models"
 FOLDERS = sorted(p for p in SAVED.glob("test_*") if p.is_dir()) if SAVED.is_dir() else []
-SHARED_DATA = ROOT / ".." / "shared" / "data"
+from conftest import REAL_DATA as SHARED_DATA  # ./data or ../shared/data
 RUN_SLOW = os.environ.get("SEQLEARN_EP_SLOW") == "1"
 
 
@@ -49,7 +49,7 @@ def test_shipped_folder_is_complete_small_and_loads_safely(folder):
 def test_shipped_checkpoint_reproduces_its_recorded_test_accuracy(folder):
     dataset = folder.name.split("_")[1]
     if not (SHARED_DATA / dataset.lower()).is_dir():
-        pytest.skip(f"../shared/data/{dataset.lower()} absent")
+        pytest.skip(f"{dataset} data absent in ./data and ../shared/data")
     metrics = json.loads((folder / "metrics.json").read_text())
     res = subprocess.run([sys.executable, str(ROOT / "main.py"), "--execute", "test", "--load-path", str(folder),
                           "--data-dir", str(SHARED_DATA)], cwd=ROOT, capture_output=True, text=True,
