@@ -634,15 +634,22 @@ def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, bes
 
 @contextlib.contextmanager
 def deferred_sigint():
-    """Hold SIGINT until the block ends, then raise KeyboardInterrupt: no half-done epoch files."""
+    """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt: no half-done
+    epoch files."""
     pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if pending:
         raise KeyboardInterrupt
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def model_only(state):
@@ -913,4 +920,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: a resumable run or nothing
     sys.exit(main())

@@ -341,3 +341,20 @@ def test_bptt_with_activation_checkpointing_trains_like_without(tiny_imdb):
     for k in runs["0"]:
         torch.testing.assert_close(runs["3"][k], runs["0"][k], rtol=1e-5, atol=1e-6)
     assert main.main(base_args(tiny_imdb, "--alg", "BPTT", "--bptt-checkpoint", "-1")) == 2
+
+
+def test_kill_during_the_first_epoch_leaves_nothing(tiny_imdb):
+    """SIGTERM (like Ctrl-C) before any epoch completed: no half-made run folder is left."""
+    run = tiny_imdb["tmp"] / "run"
+    args = base_args(tiny_imdb, "--save", "--epochs", "3", "--results-dir", str(run))
+    args[args.index("--T") + 1], args[args.index("--K") + 1] = "3000", "1000"  # a slow first epoch
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "config.json").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "no epoch had completed" in out + err and not run.exists()
