@@ -77,19 +77,21 @@ def positive(kind):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Time EP/BPTT training steps on random inputs (see module docstring).")
+    p = Parser(description="Time EP/BPTT training steps (random inputs, or a trained run's real data "
+               "with --load-path) against the original dynamics; prints one JSON line.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", choices=sorted(DEFAULTS), default="IMDB")
+    a("--dataset", choices=sorted(DEFAULTS), default="IMDB", help="architecture and input shape")
     a("--seqLen", type=positive(int), help="tokens per sequence (IMDB 100, SNLI 25)")
     a("--embed-dim", type=positive(int), default=300, help="word-vector size D")
     a("--fc_layers", type=positive(int), nargs="+", help="FC sizes, the last = classes")
     a("--T", type=positive(int), help="free-phase steps")
     a("--K", type=positive(int), help="nudged-phase steps")
-    a("--betas", type=float, nargs=2, metavar=("B1", "B2"))
+    a("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="free and nudged beta (IMDB 0 0.1, SNLI 0 0.5)")
     a("--thirdphase", action="store_true", help="3-phase EP (+beta and -beta)")
-    a("--alg", choices=["EP", "BPTT"], default="EP")
-    a("--batch_size", type=positive(int))
-    a("--act", choices=sorted(mu.ACTIVATIONS), default="my_hard_sig")
+    a("--alg", choices=["EP", "BPTT"], default="EP", help="learning algorithm to time")
+    a("--batch_size", type=positive(int), help="samples per batch (IMDB 100, SNLI 200)")
+    a("--act", choices=sorted(mu.ACTIVATIONS), default="my_hard_sig", help="activation sigma")
     a("--device", default="cpu", help="N for cuda:N (CPU when CUDA is absent), or cpu")
     a("--batches", type=positive(int), default=3, help="timed batches after one warm-up")
     a("--reference", action="store_true", help="time the autograd-per-step reference dynamics")
@@ -109,7 +111,7 @@ def parse_args(argv=None):
     a("--cache-dir", help="with --load-path: main.py's data cache (default: main.py's)")
     a("--roofline", action="store_true", help="also time torch.matmul of the step's shapes")
     a("--threads", type=positive(int), help="torch threads (default: torch's choice)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of the weights and random inputs")
     args = p.parse_args(argv)
     args.data = load_run(args, p) if args.load_path else None
     for key, value in DEFAULTS[args.dataset].items():

@@ -1247,7 +1247,7 @@ def export_embeddings(data: Data, path):
 def main(argv=None) -> int:
     """Prepare and cache one dataset, print a one-line summary; errors print one line and return 2."""
     parser = argparse.ArgumentParser(description='Prepare and cache IMDB / SNLI for training (no training).')
-    parser.add_argument('--dataset', choices=DATASETS)
+    parser.add_argument('--dataset', choices=DATASETS, help='dataset to prepare (needed unless --train-vectors)')
     parser.add_argument('--seqLen', type=int, default=None,
                         help='tokens per sequence (per sentence for SNLI); default 600 IMDB, 25 SNLI')
     add_data_args(parser)

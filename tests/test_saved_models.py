@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import main
+from conftest import REAL_DATA as SHARED_DATA  # ./data or ../shared/data
 from conftest import ROOT
 
 SAVED = ROOT / "saved_models"
 FOLDERS = sorted(p for p in SAVED.glob("test_*") if p.is_dir()) if SAVED.is_dir() else []
-from conftest import REAL_DATA as SHARED_DATA  # ./data or ../shared/data
 RUN_SLOW = os.environ.get("SEQLEARN_EP_SLOW") == "1"
 
 
@@ -57,3 +57,27 @@ def test_shipped_checkpoint_reproduces_its_recorded_test_accuracy(folder):
     assert res.returncode == 0, res.stderr[-2000:]
     assert (f"test accuracy {metrics['test_accuracy']:.4f} ({metrics['test_correct']}/"
             f"{metrics['test_samples']} correct") in res.stdout + res.stderr
+
+
+def test_read_only_commands_change_nothing_in_the_loaded_folder(tmp_path):
+    """The original tool's test and gducheck commands (shortened) and predict on a copy of the
+    shipped SNLI folder: every file is byte for byte unchanged; gducheck writes elsewhere."""
+    import shutil
+    src = SAVED / "test_SNLI_25_300"
+    if not (SHARED_DATA / "snli").is_dir():
+        pytest.skip("SNLI data absent in ./data and ../shared/data")
+    copy = tmp_path / "test_SNLI_25_300"
+    shutil.copytree(src, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    common = ["--dataset", "SNLI", "--seqLen", "25", "--load-path", str(copy), "--data-dir", str(SHARED_DATA),
+              "--cache-dir", str(tmp_path / "cache")]
+    runs = [["--execute", "test", "--T", "5", "--thirdphase", "--batch_size", "200", "--max-test", "40"],
+            ["--execute", "gducheck", "--T", "6", "--K", "3", "--thirdphase", "--batch_size", "200", "--save",
+             "--gdu-samples", "2", "--gdu-max-entries", "1000"],
+            ["--execute", "predict", "--premise", "A man plays a guitar.", "--hypothesis", "A person makes music."]]
+    for extra in runs:
+        proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *common, *extra], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    assert list((tmp_path / "results" / "SNLI").glob("*/*_gducheck/gdu_metrics.json"))
