@@ -156,14 +156,12 @@ def resolve(args, saved=None):
             setattr(args, key, hyper.get(key, fallback.get(key)))
     if args.K is None:
         args.K = max(1, args.T // 2)
-    if args.lrs is None and args.fc_layers != d["fc_layers"] and args.execute != "train":
-        args.lrs = None  # only training uses learning rates
-    elif args.lrs is None:
-        if args.fc_layers != d["fc_layers"]:
-            raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
-                             f"give {len(mu.PROJECTIONS[args.dataset]) + len(args.fc_layers)} "
-                             f"learning rates (projections first)")
+    if args.lrs is None and args.fc_layers == d["fc_layers"]:
         args.lrs = d["lrs"]
+    elif args.lrs is None and args.execute == "train":  # other modes use no learning rate
+        raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
+                         f"give {len(mu.PROJECTIONS[args.dataset]) + len(args.fc_layers)} "
+                         f"learning rates (projections first)")
     args.betas = list(args.betas)
     return args
 
