@@ -421,9 +421,8 @@ def convergence_trace(model, x, T, dtype=None):
     """Free phase (β = 0, from zero) diagnostics per step t = 1 … T: rel = the tool's one
     convergence measure, `relative_change(s_t, s_{t−1})` (largest relative change of any layer,
     as --tol uses it), delta = ‖s_t − s_{t−1}‖∞ over all layers, phi = mean Φ(s_t) of the batch."""
-    if dtype is not None:
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = mu.plain_copy(model, dtype)
+    if dtype is not None:  # a copy only to change dtype; model.step below is the plain step anyway
+        model = mu.plain_copy(model, DTYPES[dtype] if isinstance(dtype, str) else dtype)
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
     drive, keys = model.precompute(x)

@@ -443,9 +443,7 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     States in a low-precision dtype cannot resolve changes below its machine epsilon, so tol
     is at least that epsilon (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7). bfloat16 dynamics
     often end in cycles of rounding flips larger than that: such a phase runs all its steps."""
-    step = model.compiled_step or model.step
-    if tol is not None:
-        tol = max(tol, torch.finfo(s[0].dtype).eps)
+    step, tol = model.compiled_step or model.step, _tol_floor(tol, s[0].dtype)
     for t in range(steps):
         new = step(s, drive, keys, beta, y, p) if x is None else \
             model.step_reference(x, s, keys, beta, y)
@@ -459,9 +457,7 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
     """The nudged phase from the free state s0 (with `setup` = model.nudged_setup(s0, ...)),
     run on δ = s − s0 (`EPNet.delta_step`). Returns (δ, steps used); the stopping rule is
     relax's, on the states s0 + δ."""
-    step = model.compiled_delta_step or model.delta_step
-    if tol is not None:
-        tol = max(tol, torch.finfo(s0[0].dtype).eps)
+    step, tol = model.compiled_delta_step or model.delta_step, _tol_floor(tol, s0[0].dtype)
     out = s0[-1]
     nudge = (beta - beta0) * (one_hot(y, out) - out)
     beta = torch.tensor(beta, dtype=out.dtype, device=out.device)
@@ -472,6 +468,11 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
             return new, t + 1
         d = new
     return d, steps
+
+
+def _tol_floor(tol, dtype):
+    """A stopping tolerance no finer than the states' dtype can resolve (None: no early stop)."""
+    return None if tol is None else max(tol, torch.finfo(dtype).eps)
 
 
 def relative_change(new, old):
@@ -557,29 +558,32 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype
                     "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
 
 
+def _swap_matmul_precision(value):
+    """Set CUDA's float32 matmul precision setting to `value` and return the previous one
+    (a raw value of that setting, so it can be restored as it was). PyTorch >= 2.9 has
+    fp32_precision ("tf32"/"ieee"), older versions allow_tf32; mixing both APIs is an error."""
+    m = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
+    before = getattr(m, name)
+    setattr(m, name, value)
+    return before
+
+
 def set_cuda_tf32(enabled):
     """CUDA float32 matmuls in TF32 (10-bit mantissa) or full float32 from now on; returns the
     previous setting. No effect on the CPU."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # PyTorch >= 2.9; mixing it with allow_tf32 is an error
-        before, m.fp32_precision = m.fp32_precision, ("tf32" if enabled else "ieee")
-    else:
-        before, m.allow_tf32 = m.allow_tf32, bool(enabled)
-    return before
+    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    return _swap_matmul_precision(("tf32" if enabled else "ieee") if new_api else bool(enabled))
 
 
 @contextlib.contextmanager
 def cuda_tf32(enabled):
     """`set_cuda_tf32(enabled)` inside the block, the previous setting afterwards."""
-    m = torch.backends.cuda.matmul
     before = set_cuda_tf32(enabled)
     try:
         yield
     finally:
-        if hasattr(m, "fp32_precision"):
-            m.fp32_precision = before
-        else:
-            m.allow_tf32 = before
+        _swap_matmul_precision(before)
 
 
 class Clock:
