@@ -10,7 +10,7 @@ Prints ONE JSON line. Times are the best of `--batches` timed batches after one 
 too. `--reference` times the original implementation's cost instead of the fast path: Φ
 recomputed and differentiated with autograd at every step, float32, fixed T and K.
 `--compare` times both, alternating batch by batch, the fast path with the speed options
-given (`--tol`, `--bf16`, `--compile`) against that reference, and adds `reference` and
+given (`--tol`, `--fast`, `--anderson`, `--tol-nudged`, `--bf16`, `--compile`) against that reference, and adds `reference` and
 `speedup_vs_reference`. `--load-path RUN` times on real data: the run's trained weights and
 its training samples (`--tol` steps depend on both), e.g.
 
@@ -102,6 +102,13 @@ def parse_args(argv=None):
     a("--bf16", action="store_true",
       help="bfloat16 free phase (nudged phases and Hebbian in float32); reports gradient fidelity")
     a("--tol", type=positive(float), help="early stopping tolerance of each phase")
+    a("--anderson", type=int, default=0, metavar="M",
+      help="Anderson mixing of the last M iterates (main.py --anderson; 0 = plain steps)")
+    a("--tol-nudged", type=positive(float),
+      help="joint ±beta nudged phases stopped on delta's own relative change (main.py --tol-nudged)")
+    a("--fast", action="store_true",
+      help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 unless given "
+           "(warm starts need epochs, so main.py's training logs measure them)")
     a("--compile", action="store_true", help="torch.compile the step of the dynamics")
     a("--bptt-checkpoint", type=int, default=0, metavar="C",
       help="BPTT: activation checkpointing in segments of C steps (0 = off)")
@@ -126,9 +133,19 @@ def parse_args(argv=None):
         p.error("--betas: the nudged beta must differ from the free one (and be non-zero with --thirdphase)")
     if (args.reference or args.compare) and args.alg == "BPTT":
         p.error("--reference/--compare time the original EP dynamics: drop --alg BPTT")
-    if args.reference and (args.bf16 or args.tol or args.compile):
+    if args.fast:
+        import main as cli
+        for key in ("anderson", "tol", "tol_nudged"):
+            if not getattr(args, key):
+                setattr(args, key, cli.FAST[key])
+    if args.anderson < 0:
+        p.error(f"--anderson must be >= 0, got {args.anderson}")
+    solver = args.tol or args.anderson or args.tol_nudged
+    if args.reference and (args.bf16 or solver or args.compile):
         p.error("--reference times the original dynamics (float, fixed T and K, autograd per step): "
-                "drop --bf16, --tol and --compile, or use --compare to set them against it")
+                "drop --bf16, --tol, --fast and --compile, or use --compare to set them against it")
+    if args.alg == "BPTT" and solver:
+        p.error("--tol, --anderson, --tol-nudged and --fast apply to EP")
     if args.bptt_checkpoint < 0:
         p.error(f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}")
     if args.bf16 and (args.alg == "BPTT" or args.dtype != "float32"):
@@ -239,7 +256,8 @@ def train_step(model, opt, x, y, args, reference):
     elif args.alg == "EP":
         _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
                                   args.tol, torch.bfloat16 if args.bf16 else None,
-                                  free_tf32=args.tf32 == "free")
+                                  free_tf32=args.tf32 == "free", anderson=args.anderson,
+                                  tol_nudged=args.tol_nudged)
     else:
         _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint,
                                     free_tf32=args.tf32 == "free")
@@ -307,7 +325,8 @@ def bf16_fidelity(model, args, device, dtype, gen):
     x, y = random_batch(model, args, device, dtype, gen)
     grads = []
     for free_dtype in (None, torch.bfloat16):
-        mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase, args.tol, free_dtype)
+        mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase, args.tol, free_dtype,
+                        anderson=args.anderson, tol_nudged=args.tol_nudged)
         grads.append([p.grad.clone() for p in model.params()])
     return {name: ((a - b).norm() / b.norm()).item()
             for name, a, b in zip(model.param_names(), grads[1], grads[0])}
@@ -359,6 +378,7 @@ def main(argv=None):
                 "threads": torch.get_num_threads(), "alg": args.alg,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
+                "anderson": args.anderson, "tol_nudged": args.tol_nudged,
                 "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
                 "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,

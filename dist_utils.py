@@ -69,6 +69,12 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def sum_tensor(self, t):
+        """A tensor summed element-wise over ranks (a new tensor, on the collective's device)."""
+        out = t.to(self.device).clone()
+        dist.all_reduce(out)
+        return out.to(t.device)
+
     def broadcast_model(self, model):
         """Make every rank's weights rank 0's (bit for bit)."""
         for t in list(model.parameters()) + list(model.buffers()):

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import data_utils
 import dist_utils
+import fixed_point
 import gdu
 import model_utils as mu
 from data_utils import write_atomic
@@ -46,7 +47,11 @@ DATASET_DEFAULTS = {  # the paper's configurations (seed README)
 }
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
-         "seed", "tol", "dtype", "test_every", "bf16", "init"]
+         "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
+         "warm_start"]
+# --fast: the combination measured best (docs/speed.md, "Fewer steps"); explicit flags override it
+FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "warm_start": True}
+SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")
 
 
 class UsageError(Exception):
@@ -83,6 +88,18 @@ def build_parser():
     a("--seed", type=int, help="random seed (default 0)")
     a("--tol", type=float, help="stop a phase early when the largest relative state change "
       "falls below this (default off: always T and K steps)")
+    a("--fast", action="store_true", default=None,
+      help="EP: fewer steps to the same fixed points, the combination measured best: "
+           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 --warm-start (T and K become caps); "
+           "explicit flags override its parts")
+    a("--anderson", type=int, metavar="M", help="Anderson mixing of the last M iterates in every "
+      "phase (on the FC states, projections retrieved first); 0 = plain synchronous steps (default)")
+    a("--tol-nudged", dest="tol_nudged", type=float,
+      help="EP: run the +β and −β phases as one batch and stop both once δ = s − s0 changes by "
+           "less than this, relative to itself (default off: K steps, or --tol's rule)")
+    a("--warm-start", dest="warm_start", action="store_true", default=None,
+      help="EP training: start each sample's free phase at its last free fixed point (FC part, "
+           "float16, kept in memory), needs --tol to save steps")
     a("--dtype", choices=["float32", "float64"], help="dtype of model and dynamics (default float32)")
     a("--bf16", action="store_true", default=None,
       help="EP: run the free phase and evaluation in bfloat16 (CPUs with AVX512-BF16, CUDA); "
@@ -124,7 +141,8 @@ def resolve(args, saved=None):
     """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
     saved = saved or {}
     args.lrs_given = args.lrs is not None
-    args.given = {k for k in ("thirdphase", "betas", "tol", "bf16") if getattr(args, k, None) is not None}
+    args.given = {k for k in ("thirdphase", "betas", "tol", "bf16") + SOLVER_FLAGS
+                  if getattr(args, k, None) is not None}
     arch = saved.get("model", {})
     if args.dataset is None:
         args.dataset = arch.get("dataset", "IMDB")
@@ -147,7 +165,12 @@ def resolve(args, saved=None):
         if getattr(args, key, None) is None and args.execute == "train":
             setattr(args, key, info.get("subsample", {}).get(key))
     hyper = saved.get("hyper", {})
+    if args.fast:  # its parts, where not given explicitly
+        for key, value in FAST.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
+                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}
@@ -189,13 +212,17 @@ def validate(args):
         (args.lrs is not None and any(lr <= 0 for lr in args.lrs), f"--lrs must be positive, got {args.lrs}"),
         (args.gamma is not None and args.gamma <= 0, f"--gamma must be positive, got {args.gamma}"),
         (args.tol is not None and args.tol <= 0, f"--tol must be positive, got {args.tol}"),
+        (args.tol_nudged is not None and args.tol_nudged <= 0,
+         f"--tol-nudged must be positive, got {args.tol_nudged}"),
+        (args.anderson < 0, f"--anderson must be >= 0, got {args.anderson}"),
         (args.test_every < 0, f"--test-every must be >= 0, got {args.test_every}"),
         (args.bptt_checkpoint < 0, f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}"),
     ]
     training, given = args.execute == "train", getattr(args, "given", set())
     if training and args.alg == "BPTT":  # speed options BPTT training cannot honour
-        for flag in ("tol", "bf16"):
-            checks.append((flag in given, f"--{flag} applies to EP training: drop it with --alg BPTT"))
+        for flag in ("tol", "bf16") + SOLVER_FLAGS:
+            checks.append((flag in given, f"--{flag.replace('_', '-')} applies to EP training: "
+                                          f"drop it with --alg BPTT"))
     for flag in ("bf16", "tol"):
         checks.append((args.execute == "gducheck" and flag in given,
                        f"--{flag} does not apply to gducheck: the theorem is about the plain fixed-T "
@@ -207,6 +234,8 @@ def validate(args):
 
 def unused_flags(args):
     """Flags of the other algorithm, accepted so that one command switches by --alg alone."""
+    if args.execute == "gducheck":  # the theorem is about the plain synchronous steps
+        return [f"--{f.replace('_', '-')}" for f in SOLVER_FLAGS if f in getattr(args, "given", set())]
     if args.execute != "train":
         return []
     if args.alg == "BPTT":
@@ -412,6 +441,9 @@ def train(args, log):
     if unused_flags(args):
         log(f"notice: {' and '.join(unused_flags(args))} only apply to --alg "
             f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
+    if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start):
+        log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
+            "them), not the --fast/--anderson/--tol-nudged/--warm-start solver of training")
     if resuming and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     data = load_data(args, log)
@@ -476,8 +508,13 @@ def train(args, log):
 
     hp = {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
           "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
+          "anderson": args.anderson, "tol_nudged": args.tol_nudged,
+          "warm": fixed_point.WarmStarts(len(data.train), args.fc_layers, args.device_obj)
+          if args.warm_start and args.alg == "EP" else None,
           "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
           "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
+    if hp["warm"] is not None and ckpt and ckpt.get("warm_starts") is not None:
+        hp["warm"].load(ckpt["warm_starts"])
     log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
@@ -492,7 +529,7 @@ def train(args, log):
 
     def evaluate(split, desc):
         return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
-                           hp["free_dtype"], dist)
+                           hp["free_dtype"], dist, anderson=args.anderson)
 
     from tqdm import tqdm
     epoch = start_epoch
@@ -502,6 +539,8 @@ def train(args, log):
             gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
             stats = mu.train_epoch(model, optimizer, data.train, embeddings, hp, gen,
                                    desc=f"epoch {epoch + 1}", dist=dist)
+            if hp["warm"] is not None:
+                hp["warm"].sync(dist)
             lr = [g["lr"] for g in optimizer.param_groups]
             if scheduler is not None:
                 scheduler.step()
@@ -522,7 +561,7 @@ def train(args, log):
                        f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
                        f"{stats['seconds']:.1f}s  {stats['samples'] / stats['seconds']:.1f} samples/s"
                        + (f"  steps {stats['free_steps']:.1f}+{stats['nudged_steps']:.1f}"
-                          if args.tol else ""))
+                          if args.tol or args.tol_nudged else ""))
             if stats["dead"]:
                 msg = mu.dead_layer_message(model, stats["dead"], f"of epoch {epoch + 1}")
                 if len(model.fc) - 1 in stats["dead"]:  # no output, no learning: stop
@@ -532,7 +571,8 @@ def train(args, log):
             best_val = val_acc if improved else best_val
             if run_dir:
                 with deferred_sigint():  # Ctrl-C waits until this epoch's files are complete
-                    save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved)
+                    save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved,
+                               hp["warm"])
     except (KeyboardInterrupt, mu.DivergenceError, mu.DeadNetworkError) as e:
         kept = run_dir and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         if run_dir and not kept and fresh:  # no epoch completed: leave nothing half-made
@@ -598,6 +638,8 @@ def time_estimate(args, model, data, embeddings, epochs):
     line = (f"estimate: one step of the dynamics takes {step * 1e3:.0f} ms on a batch of {B}, so one epoch "
             f"({batches} batches x {train_steps} steps, then evaluation) about {_duration(epoch)}, "
             f"{epochs} epoch(s) about {_duration(epoch * epochs)} on {args.device_obj}")
+    if args.tol or args.tol_nudged:
+        line += " at most (--tol/--tol-nudged/--fast stop phases early; the epoch log gives the steps used)"
     if args.device_obj.type == "cpu" and epoch > 3600:
         line += (". This is a GPU-scale job: run it on a CUDA machine (--device N), or shrink it for the "
                  "CPU (--seqLen, --fc_layers, --max-train; see the quick start)")
@@ -615,12 +657,15 @@ def abandon_run_dir(run_dir, created):
             os.rmdir(run_dir)
 
 
-def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved):
-    """After every epoch: checkpoint, best model, metrics and curves, each written atomically."""
+def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved,
+               warm=None):
+    """After every epoch: checkpoint (with the --warm-start table), best model, metrics and
+    curves, each written atomically."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
              "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler else None,
-             "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": rng_state()}
+             "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": rng_state(),
+             "warm_starts": None if warm is None else warm.state()}
     if improved:
         save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
     save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
@@ -689,7 +734,8 @@ def test(args, log):
     data = load_data(args, log)
     stats = {}
     acc = test_accuracy(args, ckpt, path, data, stats)
-    used = f", {stats['free_steps']:.1f} steps used on average (--tol {args.tol:g})" if args.tol else ""
+    used = (f", {stats['free_steps']:.1f} steps used on average (--tol {args.tol:g}"
+            f"{f', --anderson {args.anderson}' if args.anderson else ''})" if args.tol else "")
     log(f"test accuracy {acc:.4f} ({round(acc * len(data.test))}/{len(data.test)} correct, "
         f"T={args.T}{used}, {path})")
     return 0
@@ -702,7 +748,8 @@ def test_accuracy(args, ckpt, path, data, stats=None):
     if args.compile:
         model.compile_step()
     return mu.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
-                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats)
+                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats,
+                       anderson=args.anderson)
 
 
 def gducheck(args, log):
@@ -720,6 +767,10 @@ def gducheck(args, log):
         model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma,
                          args.init)
     model = model.to(args.device_obj)
+    solver = args.anderson or args.tol_nudged or args.warm_start or args.tol
+    log("GDU check: plain synchronous steps, T free then K nudged (the steps the theorem is about)"
+        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start solver is not used here"
+           if solver else ""))
     out_dir = args.results_dir or default_run_dir(args, "gducheck")  # never into --load-path
     os.makedirs(out_dir, exist_ok=True)
     n = min(args.gdu_samples, len(data.test))
@@ -748,7 +799,7 @@ def predict(args, log):
         ids = data_utils.encode_texts(texts, vocab, "IMDB", args.seqLen)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
-                             free_dtype=torch.bfloat16 if args.bf16 else None)
+                             free_dtype=torch.bfloat16 if args.bf16 else None, anderson=args.anderson)
     fields = [list(texts)] if args.dataset == "IMDB" else [list(t) for t in zip(*texts)]
     known = [data_utils.known_words(f, vocab, args.dataset) for f in fields]  # per field, per text
     print_predictions(texts, out, known, args.dataset, log)
@@ -811,8 +862,9 @@ def export(args, log):
     except (OSError, ValueError):
         metrics = dict(ckpt.get("history", {}))
     info = {"from": os.path.relpath(path) if not os.path.relpath(path).startswith("..") else os.path.basename(path), "weights_dtype": args.weights_dtype, "epoch": ckpt.get("epoch"),
-            "eval": {"T": args.T, "batch_size": args.batch_size, "tol": args.tol, "bf16": args.bf16},
-            "trained_with": {k: ckpt["config"]["hyper"].get(k) for k in ("T", "K", "batch_size", "tol", "bf16")},
+            "eval": {"T": args.T, "batch_size": args.batch_size, "tol": args.tol, "bf16": args.bf16,
+                     "anderson": args.anderson},
+            "trained_with": {k: ckpt["config"]["hyper"].get(k) for k in ("T", "K", "batch_size", "tol", "bf16", "fast")},
             "test_accuracy_before_export": metrics.get("test_accuracy"),
             "command": command_line(args.argv)}
     config = json.loads(json.dumps(ckpt["config"]))

@@ -24,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import fixed_point
+from fixed_point import relative_change  # noqa: F401  (the tool's one convergence measure)
+
 
 # ----------------------------------------------------------------------------- activations
 def my_sigmoid(x):
@@ -196,7 +199,7 @@ class EPNet(nn.Module):
         if gamma is None:
             gamma = DEFAULT_GAMMA[dataset] or 1.0 / math.sqrt(self.D)
         self.gamma = float(gamma)
-        self.compiled_step = self.compiled_delta_step = None  # set by compile_step()
+        self.compiled = {}  # method name -> its torch.compile'd version (compile_step())
         self.proj = nn.ParameterList(
             [nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
         sizes = [self.P * self.L * self.D] + self.fc_layers
@@ -266,6 +269,15 @@ class EPNet(nn.Module):
         return [torch.zeros(batch_size, self.P, self.L, self.D, **kw)] + \
                [torch.zeros(batch_size, h, **kw) for h in self.fc_layers]
 
+    def warm_states(self, fc, drive, keys, p=None):
+        """A starting point from the fully connected states alone (a warm start,
+        `fixed_point.WarmStarts`): the projection states are what the step makes of s[1],
+        softmax(γ·(drive + W₁ᵀ s[1])·keysᵀ)·keys, the value they take at any fixed point."""
+        _, W, _ = self._split(p)
+        g = linear(fc[0], W[0].t(), add=drive.flatten(1)).view_as(drive)
+        attn = torch.softmax(self.gamma * (g @ keys.transpose(-1, -2)), dim=-1)
+        return [attn @ keys] + list(fc)
+
     # -- Φ and its gradients ----------------------------------------------------------
     def phi(self, x, s, beta=0.0, y=None, p=None):
         """Primitive function Φ(x, s, θ; β, y) per sample, shape [B] (docs/method.md §1)."""
@@ -280,9 +292,17 @@ class EPNet(nn.Module):
 
     def grad_states(self, s, drive, beta=0.0, y=None, p=None):
         """Closed-form ∂Φ/∂s_k for every layer (docs/method.md §1, 'one step of the dynamics')."""
+        return [self._grad_projection(s[1], drive, p)] + self._grad_fc(s, beta, y, p)
+
+    def _grad_projection(self, s1, drive, p=None):
+        """∂Φ/∂s[0]: the bottom-up drive plus the top-down feedback W₁ᵀ s[1]."""
+        W = self._split(p)[1]
+        return linear(s1, W[0].t(), add=drive.flatten(1)).view_as(drive)
+
+    def _grad_fc(self, s, beta=0.0, y=None, p=None):
+        """∂Φ/∂s_k of the FC layers k ≥ 1, from the layers below and above (and the nudge)."""
         _, W, b = self._split(p)
-        B = drive.shape[0]  # bottom-up drive + top-down feedback:
-        g = [linear(s[1], W[0].t(), add=drive.view(B, -1)).view_as(s[0])]
+        g = []
         for k in range(1, len(s)):
             gk = linear(s[k - 1].flatten(1), W[k - 1], b[k - 1])
             if k < len(s) - 1:
@@ -292,14 +312,35 @@ class EPNet(nn.Module):
             g.append(gk)
         return g
 
+    def retrieve(self, g0, keys):
+        """The Hopfield retrieval of the projection states: softmax(γ·g0·keysᵀ)·keys."""
+        return torch.softmax(self.gamma * (g0 @ keys.transpose(-1, -2)), dim=-1) @ keys
+
     def update(self, g, keys):
         """New states from the gradients: Hopfield retrieval for s[0], σ for the rest."""
-        attn = torch.softmax(self.gamma * (g[0] @ keys.transpose(-1, -2)), dim=-1)  # [B,P,L,L]
-        return [attn @ keys] + [self.act(gk) for gk in g[1:]]
+        return [self.retrieve(g[0], keys)] + [self.act(gk) for gk in g[1:]]
 
     def step(self, s, drive, keys, beta=0.0, y=None, p=None):
         """One synchronous step of the dynamics, all layers updated from s(t)."""
         return self.update(self.grad_states(s, drive, beta, y, p), keys)
+
+    def step_fc(self, s, drive, keys, beta=0.0, y=None, p=None):
+        """One sweep of the dynamics for a fixed-point solver: the projection states first,
+        retrieved from s[1] (they depend on nothing else), then the FC layers bottom-up, each
+        from the new layer below and the old one above (Gauss–Seidel order, the way the input
+        travels in the free phase). The same fixed points and matmuls as `step`; s[0] is not
+        read, so the map acts on the FC states alone (a few hundred numbers per sample, what
+        `fixed_point.anderson` with mix_from=1 mixes)."""
+        _, W, b = self._split(p)
+        new = [self.retrieve(self._grad_projection(s[1], drive, p), keys)] + list(s[1:])
+        for k in range(1, len(s)):
+            gk = linear(new[k - 1].flatten(1), W[k - 1], b[k - 1])
+            if k < len(s) - 1:
+                gk = linear(s[k + 1], W[k].t(), add=gk)
+            elif beta != 0.0:
+                gk = gk + beta * (one_hot(y, s[k]) - s[k])
+            new[k] = self.act(gk)
+        return new
 
     # -- the nudged phases, relative to the free fixed point s0 -----------------------
     def nudged_setup(self, s0, drive, keys, beta0=0.0, y=None, p=None):
@@ -317,29 +358,59 @@ class EPNet(nn.Module):
         and the states by σ(G0 + ΔG) − σ(G0), evaluated without forming G0 + ΔG
         (`ACTIVATION_DELTAS`, `softmax_delta`). Mathematically the plain step; numerically δ
         keeps its relative precision, so s₊ − s₋ is exact to float32 rounding of δ, not of s.
-        beta: a 0-d tensor (no recompilation per value under torch.compile)."""
-        (g0, p0, r), (_, W, _) = setup, self._split(p)
-        dg = [linear(d[1], W[0].t()).view_as(d[0])]
+        beta: a 0-d tensor (no recompilation per value under torch.compile), or one value
+        per row [B, 1]."""
+        return [self._delta_projection(d[1], setup, keys, p)] + self._delta_fc(d, setup, beta, nudge, p)
+
+    def delta_step_fc(self, d, setup, keys, beta, nudge, p=None):
+        """`step_fc` for δ, in the order the nudge travels: the projection offsets from δ[1],
+        then the FC layers top-down from the output, each from the new layer above and the old
+        one below (layer 1 from the new projections). Reads δ[1:] only."""
+        (g0, _, r), (_, W, _) = setup, self._split(p)
+        new = [self._delta_projection(d[1], setup, keys, p)] + list(d[1:])
+        n = len(d) - 1
+        for k in range(n, 0, -1):
+            gk = linear(new[k - 1].flatten(1), W[k - 1])
+            if k < n:
+                gk = linear(new[k + 1], W[k].t(), add=gk)
+            else:
+                gk = gk + nudge - beta * d[k]
+            new[k] = r[k] + self.act_delta(g0[k], gk)
+        return new
+
+    def _delta_projection(self, d1, setup, keys, p=None):
+        (_, p0, r), W = setup, self._split(p)[1]
+        dg0 = linear(d1, W[0].t()).view_as(r[0])
+        return r[0] + softmax_delta(p0, self.gamma * (dg0 @ keys.transpose(-1, -2))) @ keys
+
+    def _delta_fc(self, d, setup, beta, nudge, p=None):
+        (g0, _, r), (_, W, _) = setup, self._split(p)
+        out = []
         for k in range(1, len(d)):
             gk = linear(d[k - 1].flatten(1), W[k - 1])
             if k < len(d) - 1:
                 gk = linear(d[k + 1], W[k].t(), add=gk)
             else:
                 gk = gk + nudge - beta * d[k]
-            dg.append(gk)
-        dp = softmax_delta(p0, self.gamma * (dg[0] @ keys.transpose(-1, -2)))
-        return [r[0] + dp @ keys] + [rk + self.act_delta(g, dk)
-                                     for rk, g, dk in zip(r[1:], g0[1:], dg[1:])]
+            out.append(r[k] + self.act_delta(g0[k], gk))
+        return out
+
+    STEP_METHODS = ("step", "delta_step", "step_fc", "delta_step_fc")
 
     def compile_step(self, mode=None):
-        """Use torch.compile'd `step` and `delta_step` in the dynamics from now on (`relax`,
-        `relax_nudged`); mode as in torch.compile (None, "max-autotune", ...). The batch size
-        becomes dynamic after its first change and β is a tensor in the nudged steps, so one
-        epoch with a ragged last batch, validation and test needs a few graphs per dtype."""
+        """Use torch.compile'd steps (`STEP_METHODS`) in the dynamics from now on (`relax`,
+        `relax_nudged`, `relax_nudged_pair`); mode as in torch.compile (None, "max-autotune", ...).
+        The batch size becomes dynamic after its first change and β is a tensor in the nudged
+        steps, so one epoch with a ragged last batch, validation and test needs a few graphs
+        per dtype and step."""
         backend = os.environ.get("SEQLEARN_EP_COMPILE_BACKEND", "inductor")  # tests: "eager"
-        self.compiled_step = torch.compile(self.step, mode=mode, dynamic=None, backend=backend)
-        self.compiled_delta_step = torch.compile(self.delta_step, mode=mode, dynamic=None, backend=backend)
+        self.compiled = {name: torch.compile(getattr(self, name), mode=mode, dynamic=None, backend=backend)
+                         for name in self.STEP_METHODS}
         return self
+
+    def stepper(self, name):
+        """The step method `name` (one of STEP_METHODS), compiled if compile_step() was called."""
+        return self.compiled.get(name) or getattr(self, name)
 
     def step_reference(self, x, s, keys, beta=0.0, y=None):
         """The same step with ∂Φ/∂s from autograd of Φ: slow, for tests and benchmarks."""
@@ -419,12 +490,11 @@ def initial_dead_layers(model, x, T):
 def plain_copy(model, dtype=None):
     """A deep copy (in `dtype` if given) that takes the plain, uncompiled steps: compiled
     steps belong to the original's bound methods and dtype."""
-    compiled = model.compiled_step, model.compiled_delta_step
-    model.compiled_step = model.compiled_delta_step = None
+    compiled, model.compiled = model.compiled, {}
     try:
         new = copy.deepcopy(model)
     finally:
-        model.compiled_step, model.compiled_delta_step = compiled
+        model.compiled = compiled
     return new if dtype is None else new.to(dtype)
 
 
@@ -435,39 +505,63 @@ def build_model(cfg):
 
 
 # ----------------------------------------------------------------------------- dynamics
-def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None):
+def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None, anderson=0):
     """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
     state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
     `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
     autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks).
+    anderson=m ≥ 2: Anderson mixing with window m of the FC states under `EPNet.step_fc`,
+    towards the same fixed point (`fixed_point`); tol then bounds the relative residual.
     States in a low-precision dtype cannot resolve changes below its machine epsilon, so tol
     is at least that epsilon (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7). bfloat16 dynamics
     often end in cycles of rounding flips larger than that: such a phase runs all its steps."""
-    step, tol = model.compiled_step or model.step, _tol_floor(tol, s[0].dtype)
-    for t in range(steps):
-        new = step(s, drive, keys, beta, y, p) if x is None else \
-            model.step_reference(x, s, keys, beta, y)
-        if tol is not None and relative_change(new, s) < tol:
-            return new, t + 1
-        s = new
-    return s, steps
+    tol = _tol_floor(tol, s[0].dtype)
+    if x is not None:
+        return fixed_point.iterate(lambda z: model.step_reference(x, z, keys, beta, y), s, steps, tol)
+    if anderson < 2:
+        step = model.stepper("step")
+        return fixed_point.iterate(lambda z: step(z, drive, keys, beta, y, p), s, steps, tol)
+    step = model.stepper("step_fc")
+    return fixed_point.anderson(lambda z: step(z, drive, keys, beta, y, p), s, steps, tol, anderson, mix_from=1)
 
 
 def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None, p=None):
     """The nudged phase from the free state s0 (with `setup` = model.nudged_setup(s0, ...)),
     run on δ = s − s0 (`EPNet.delta_step`). Returns (δ, steps used); the stopping rule is
     relax's, on the states s0 + δ."""
-    step, tol = model.compiled_delta_step or model.delta_step, _tol_floor(tol, s0[0].dtype)
+    step, tol = model.stepper("delta_step"), _tol_floor(tol, s0[0].dtype)
     out = s0[-1]
     nudge = (beta - beta0) * (one_hot(y, out) - out)
     beta = torch.tensor(beta, dtype=out.dtype, device=out.device)
-    d = [torch.zeros_like(t) for t in s0]
-    for t in range(steps):
-        new = step(d, setup, keys, beta, nudge, p)
-        if tol is not None and max(_rel_change(a, b, s) for a, b, s in zip(new, d, s0)) < tol:
-            return new, t + 1
-        d = new
-    return d, steps
+    measure = lambda new, old: max(_offset_change(a, b, s) for a, b, s in zip(new, old, s0))  # noqa: E731
+    return fixed_point.iterate(lambda d: step(d, setup, keys, beta, nudge, p),
+                               [torch.zeros_like(t) for t in s0], steps, tol, measure)
+
+
+def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
+                      anderson=0, thirdphase=True):
+    """The +β (and, with thirdphase, −β) nudged phases run together as one batch of 2B, so
+    both take the same number of steps (a symmetric estimate) and share each matmul. The
+    stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the EP estimate is
+    δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a phase long
+    before δ has converged. anderson: window of Anderson mixing (0: plain steps).
+    Returns (δ₊, δ₋ (zeros without thirdphase), steps per phase)."""
+    tol = _tol_floor(tol, s0[0].dtype)
+    step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
+    out, B = s0[-1], s0[-1].shape[0]
+    signs = [1.0, -1.0] if thirdphase else [1.0]
+    nudge = torch.cat([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs])
+    beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
+                           for sg in signs])
+    g0, p0, r = setup
+    if thirdphase:
+        g0, p0, r = [torch.cat([t, t]) for t in g0], torch.cat([p0, p0]), [torch.cat([t, t]) for t in r]
+        keys = torch.cat([keys, keys])
+    d, n = fixed_point.anderson(lambda d: step(d, (g0, p0, r), keys, beta_rows, nudge),
+                                [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
+    if not thirdphase:
+        return d, [torch.zeros_like(t) for t in d], n
+    return [t[:B] for t in d], [t[B:] for t in d], n
 
 
 def _tol_floor(tol, dtype):
@@ -475,16 +569,9 @@ def _tol_floor(tol, dtype):
     return None if tol is None else max(tol, torch.finfo(dtype).eps)
 
 
-def relative_change(new, old):
-    """The one convergence measure of the tool (--tol, the GDU check, its console and plots):
-    the largest relative change of any layer, max_k ‖new_k − old_k‖∞ / ‖new_k‖∞."""
-    return max(_rel_change(a, b) for a, b in zip(new, old))
-
-
-def _rel_change(new, old, base=None):
-    if base is not None:  # new and old are offsets from base
-        return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()
-    return ((new - old).abs().max() / (new.abs().max() + 1e-12)).item()
+def _offset_change(new, old, base):
+    """relative_change's measure for one layer whose states are offsets from base."""
+    return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()
 
 
 @torch.no_grad()
@@ -507,30 +594,35 @@ def check_finite(s, phase):
 
 
 def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype=None,
-                 reference=False, free_tf32=False):
+                 reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
     of the loss gradient (docs/method.md §2). Returns (free-phase output [B, C], info dict with the
-    steps used and the seconds spent in each phase).
+    steps used, the seconds spent in each phase and the free state's FC layers "free_fc").
     free_dtype: run the free phase in this dtype on copies of the weights (torch.bfloat16:
     CPUs with avx512_bf16, CUDA); the nudged phases and the Hebbian estimate stay in the
     model's dtype (bf16 states would drown the small nudges of the lower layers).
     reference: take the autograd-of-Φ steps of the original implementation (slow).
     free_tf32: CUDA, the free phase's float32 matmuls in TF32; everything after it (nudged
-    phases, Hebbian estimate) always runs in full float32."""
+    phases, Hebbian estimate) always runs in full float32.
+    Fewer steps to the same fixed points (docs/speed.md): anderson=m mixes the last m
+    iterates of every phase (at most T and K applications of the step); tol_nudged runs the
+    ±β phases as one batch, stopped together when δ changes by less than tol_nudged relative
+    to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`)."""
     beta1, beta2 = betas
     clock, ref = Clock(x.device), x if reference else None
     with torch.no_grad(), cuda_tf32(free_tf32):
         drive, keys = model.precompute(x)
-        init = model.init_states(x.shape[0], x.device, x.dtype)
         if free_dtype in (None, x.dtype):
-            s0, n_free = relax(model, init, drive, keys, T, beta1, y, tol, x=ref)
+            p, dt = None, x.dtype
         elif reference:
             raise ValueError("the reference dynamics run in the model's dtype only")
         else:
-            p = [w.to(free_dtype) for w in model.params()]
-            s0, n_free = relax(model, [t.to(free_dtype) for t in init], drive.to(free_dtype),
-                               keys.to(free_dtype), T, beta1, y, tol, p)
-            s0 = [t.to(x.dtype) for t in s0]
+            p, dt = [w.to(free_dtype) for w in model.params()], free_dtype
+        fdrive, fkeys = drive.to(dt), keys.to(dt)
+        init = model.init_states(x.shape[0], x.device, dt) if warm is None else \
+            model.warm_states([t.to(dt) for t in warm], fdrive, fkeys, p)
+        s0, n_free = relax(model, init, fdrive, fkeys, T, beta1, y, tol, p, x=ref, anderson=anderson)
+        s0 = [t.to(x.dtype) for t in s0]
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
             drive, keys = model.precompute(x)
@@ -543,9 +635,14 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype
             diff = None
         else:
             setup = model.nudged_setup(s0, drive, keys, beta1, y)
-            d_pos, n_pos = relax_nudged(model, s0, setup, keys, K, beta2, beta1, y, tol)
-            d_neg, n_neg = relax_nudged(model, s0, setup, keys, K, -beta2, beta1, y, tol) \
-                if thirdphase else ([torch.zeros_like(t) for t in s0], 0)
+            if anderson or tol_nudged is not None:
+                d_pos, d_neg, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y,
+                                                    tol_nudged, anderson, thirdphase)
+                n_pos, n_neg = n, n if thirdphase else 0
+            else:
+                d_pos, n_pos = relax_nudged(model, s0, setup, keys, K, beta2, beta1, y, tol)
+                d_neg, n_neg = relax_nudged(model, s0, setup, keys, K, -beta2, beta1, y, tol) \
+                    if thirdphase else ([torch.zeros_like(t) for t in s0], 0)
             s_pos, s_neg = [a + b for a, b in zip(s0, d_pos)], [a + b for a, b in zip(s0, d_neg)]
             diff = [a - b for a, b in zip(d_pos, d_neg)]
         check_finite(s_pos, "nudged (+beta)")
@@ -555,7 +652,7 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype
         for prm, h in zip(model.params(), model.hebbian(x, s_pos, s_neg, diff)):
             prm.grad = h.div_(-scale)
     return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg, "flat": flat_units(model, s0),
-                    "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock()}
+                    "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": s0[1:]}
 
 
 def _swap_matmul_precision(value):
@@ -669,10 +766,11 @@ def batches(n, batch_size, generator=None):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", hook=None, dist=None):
+def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", dist=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
-    batch_size, tol and optionally free_dtype, free_tf32 (see ep_gradients) and bptt_checkpoint
-    (see bptt_gradients). dist: a dist_utils.Dist
+    batch_size, tol and optionally free_dtype, free_tf32, anderson, tol_nudged (see ep_gradients),
+    warm (a fixed_point.WarmStarts over the split: read before and written after each free
+    phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
     the FC layers whose units were all flat for every sample of the epoch (`dead_layers`)."""
@@ -689,9 +787,14 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
             x = embed(embeddings, split.ids[idx].to(device), dtype)
             y = split.labels[idx].to(device)
             if hp["alg"] == "EP":
+                warm = hp.get("warm")
                 out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
                                          hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"),
-                                         free_tf32=hp.get("free_tf32", False))
+                                         free_tf32=hp.get("free_tf32", False),
+                                         anderson=hp.get("anderson") or 0, tol_nudged=hp.get("tol_nudged"),
+                                         warm=None if warm is None else warm.get(idx, dtype))
+                if warm is not None:
+                    warm.put(idx, info["free_fc"])
             else:
                 out, info = bptt_gradients(model, x, y, hp["T"], hp["K"], hp.get("bptt_checkpoint", 0),
                                            hp.get("free_tf32", False))
@@ -700,8 +803,6 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
             active = [a + (~f) for a, f in zip(active, info["flat"])]
         if dist is not None:
             dist.average_grads(model, len(idx), len(batch))
-        if hook is not None:
-            hook(model)
         check_grads_finite(model)
         optimizer.step()
         seen += len(idx)
@@ -717,10 +818,10 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
 
 @torch.no_grad()
 def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, free_dtype=None,
-                    stats=None):
+                    stats=None, anderson=0):
     """Output layer after T free steps (β = 0) for every sample: [N, C]. free_dtype: run the
     steps in this dtype (e.g. torch.bfloat16) on copies of the weights. stats: a dict that
-    receives the free steps used, averaged over the batches ("free_steps")."""
+    receives the free steps used, averaged over the batches ("free_steps"). anderson: see relax."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     dt = free_dtype or dtype
     p = None if dt == dtype else [w.to(dt) for w in model.params()]
@@ -730,7 +831,7 @@ def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, 
     for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
         drive, keys = model.precompute(embed(embeddings, ids[idx].to(device), dtype))
         s, n = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
-                     tol=tol, p=p)
+                     tol=tol, p=p, anderson=anderson)
         check_finite(s, "evaluation free")
         outs.append(s[-1].to(dtype).cpu())
         used.append(n)
@@ -740,14 +841,15 @@ def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, 
 
 
 def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None, dist=None,
-             stats=None):
+             stats=None, anderson=0):
     """Accuracy: argmax of the output after T free steps with β = 0. With dist, each rank
     evaluates its contiguous part of the split and the correct counts are summed. stats: see
     predict_outputs (this rank's batches)."""
     if len(split) == 0:
         return float("nan")
     idx = torch.arange(len(split)) if dist is None else dist.shard(torch.arange(len(split)))
-    out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype, stats)
+    out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype, stats,
+                          anderson)
     correct = (out.argmax(1) == split.labels[idx]).sum().item()
     if dist is not None:
         correct = dist.sum([correct])[0]

@@ -1,0 +1,243 @@
+"""Fewer steps to the same fixed points: Anderson mixing, the sweep order, the joint ±β phases and
+warm starts reach what plain synchronous iteration reaches (float64, converged problems)."""
+import json
+
+import pytest
+import torch
+
+import fixed_point as fp
+import model_utils as mu
+from test_model_utils import converged_problem, random_state, rel_err, tiny
+
+torch.set_num_threads(2)
+DATASETS = ["IMDB", "SNLI"]
+
+
+def plain_fixed_point(model, x, beta=0.0, y=None, steps=400):
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s, used = mu.relax(model, model.init_states(x.shape[0], dtype=x.dtype), drive, keys, steps,
+                           beta, y, tol=1e-14)
+    assert used < steps
+    return s
+
+
+def max_diff(a, b):
+    return max((u - v).abs().max().item() for u, v in zip(a, b))
+
+
+def test_anderson_solves_a_linear_fixed_point_faster_than_plain_iteration():
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(4, 30, 30, dtype=torch.float64))
+    lam = torch.linspace(-0.5, 0.97, 30, dtype=torch.float64)   # a slow contraction per sample
+    A = Q @ torch.diag(lam) @ Q.transpose(1, 2)
+    c = torch.randn(4, 30, dtype=torch.float64)
+    f = lambda z: [torch.einsum("bij,bj->bi", A, z[0]) + c]  # noqa: E731
+    exact = torch.linalg.solve(torch.eye(30, dtype=torch.float64) - A, c)
+    z0 = [torch.zeros(4, 30, dtype=torch.float64)]
+    plain, n_plain = fp.iterate(f, z0, 2000, tol=1e-12)
+    acc, n_acc = fp.anderson(f, z0, 2000, tol=1e-12, m=10)
+    assert (acc[0] - exact).abs().max() < 1e-8 and (plain[0] - exact).abs().max() < 1e-8
+    assert n_acc < n_plain / 4, (n_acc, n_plain)
+
+
+def test_mixing_weights_sum_to_one_and_skip_invalid_columns():
+    torch.manual_seed(0)
+    g = torch.randn(3, 4, 10, dtype=torch.float64)
+    gram = g @ g.transpose(1, 2)
+    valid = torch.tensor([[True] * 4, [False, True, True, False], [False, False, True, False]])
+    a = fp._mixing_weights(gram, valid, 2, 1e-12)
+    torch.testing.assert_close(a.sum(1), torch.ones(3, dtype=torch.float64))
+    assert (a[~valid] == 0).all()
+    assert a[2, 2] == 1.0                                  # one valid column: the plain step
+    # the valid-columns solution is the constrained least-squares minimiser
+    cols = [1, 2]
+    sub = gram[1][cols][:, cols]
+    w = torch.linalg.solve(sub, torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(a[1, cols], w / w.sum(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_sweep_step_has_the_fixed_points_of_the_synchronous_step(dataset):
+    model, x, y = converged_problem(dataset)
+    s = plain_fixed_point(model, x)
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        assert max_diff(model.step_fc(s, drive, keys), s) < 1e-12
+        # and it is a genuinely different map away from them (bottom-up order)
+        r = random_state(model, 3)
+        assert max_diff(model.step_fc(r, drive, keys), model.step(r, drive, keys)) > 1e-3
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("m", [0, 5])
+def test_free_phase_with_anderson_reaches_the_plain_fixed_point(dataset, m):
+    model, x, y = converged_problem(dataset)
+    ref = plain_fixed_point(model, x)
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s, used = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, 400, tol=1e-13,
+                           anderson=m)
+    assert max_diff(s, ref) < 1e-10
+    assert used < 400
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_sweep_delta_step_is_the_sweep_step_on_offsets(dataset):
+    """delta_step_fc(δ) = step_fc-like top-down sweep of s0 + δ, minus s0, to float64 rounding."""
+    model, x, y = tiny(dataset, act="my_hard_sig")
+    drive, keys = model.precompute(x)
+    s0, d = random_state(model, 3), [0.01 * t for t in random_state(model, 3)]
+    beta0, beta = 0.1, 0.3
+    setup = model.nudged_setup(s0, drive, keys, beta0, y)
+    out = s0[-1]
+    nudge = (beta - beta0) * (mu.one_hot(y, out) - out)
+    got = model.delta_step_fc(d, setup, keys, torch.tensor(beta, dtype=x.dtype), nudge)
+    # the same sweep written on the states: projections from s1, then FC layers top-down
+    s = [a + b for a, b in zip(s0, d)]
+    _, W, b = model._split(None)
+    new = [model.retrieve(model._grad_projection(s[1], drive), keys)] + list(s[1:])
+    n = len(s) - 1
+    for k in range(n, 0, -1):
+        g = new[k - 1].flatten(1) @ W[k - 1].t() + b[k - 1]
+        g = g + new[k + 1] @ W[k] if k < n else g + beta * (mu.one_hot(y, s[k]) - s[k])
+        new[k] = model.act(g)
+    for a, want, base in zip(got, new, s0):
+        torch.testing.assert_close(a, want - base, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("thirdphase", [False, True])
+def test_joint_nudged_phases_reach_the_plain_nudged_fixed_points(dataset, thirdphase):
+    model, x, y = converged_problem(dataset)
+    s0 = plain_fixed_point(model, x)
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        setup = model.nudged_setup(s0, drive, keys, 0.0, y)
+        want_pos, _ = mu.relax_nudged(model, s0, setup, keys, 400, 0.05, 0.0, y)
+        want_neg, _ = mu.relax_nudged(model, s0, setup, keys, 400, -0.05, 0.0, y)
+        for m in (0, 5):
+            d_pos, d_neg, n = mu.relax_nudged_pair(model, s0, setup, keys, 400, 0.05, 0.0, y, 1e-11,
+                                                   m, thirdphase)
+            assert n < 400
+            assert max_diff(d_pos, want_pos) < 1e-12
+            if thirdphase:
+                assert max_diff(d_neg, want_neg) < 1e-12
+            else:
+                assert all((t == 0).all() for t in d_neg)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_fast_ep_estimate_equals_the_converged_fixed_step_estimate(dataset):
+    model, x, y = converged_problem(dataset)
+    mu.ep_gradients(model, x, y, 400, 300, (0.0, 0.05), True)
+    want = [p.grad.clone() for p in model.params()]
+    _, info = mu.ep_gradients(model, x, y, 400, 300, (0.0, 0.05), True, tol=1e-12, anderson=5,
+                              tol_nudged=1e-10)
+    assert info["free_steps"] < 100 and info["nudged_steps"] < 200
+    for p, w in zip(model.params(), want):
+        assert rel_err(p.grad, w) < 1e-7
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_warm_start_from_the_fc_states_reaches_the_same_fixed_point_in_fewer_steps(dataset):
+    model, x, y = converged_problem(dataset)
+    ref = plain_fixed_point(model, x)
+    drive, keys = model.precompute(x)
+    table = fp.WarmStarts(10, model.fc_layers)
+    idx = torch.tensor([7, 2, 5])
+    assert all((t == 0).all() for t in table.get(idx, x.dtype))
+    table.put(idx, ref[1:])
+    assert table.nbytes == 10 * sum(model.fc_layers) * 2
+    warm = table.get(idx, x.dtype)
+    for w, r in zip(warm, ref[1:]):
+        assert (w - r).abs().max() < 1e-3                        # stored in float16
+    with torch.no_grad():
+        start = model.warm_states(warm, drive, keys)
+        torch.testing.assert_close(start[0], model.step(ref, drive, keys)[0], rtol=0, atol=5e-3)
+        cold, n_cold = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, 400, tol=1e-12,
+                                anderson=5)
+        hot, n_hot = mu.relax(model, start, drive, keys, 400, tol=1e-12, anderson=5)
+    assert max_diff(hot, ref) < 1e-10 and max_diff(cold, ref) < 1e-10
+    assert n_hot < n_cold
+
+
+def test_anderson_history_survives_bfloat16_states():
+    model, x, y = converged_problem("IMDB")
+    model = model.float()
+    drive, keys = model.precompute(x.float())
+    p = [w.to(torch.bfloat16) for w in model.params()]
+    with torch.no_grad():
+        s, _ = mu.relax(model, model.init_states(3, dtype=torch.bfloat16), drive.bfloat16(), keys.bfloat16(),
+                        30, tol=1e-2, p=p, anderson=5)
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in s)
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_fast_is_recorded_survives_resume_and_is_refused_by_bptt(tiny_imdb, capsys):
+    import main
+    from test_main import base_args, weights
+    tmp = tiny_imdb["tmp"]
+    common = base_args(tiny_imdb, "--fast", "--save")
+    assert main.main(common + ["--epochs", "2", "--results-dir", str(tmp / "full")]) == 0
+    out = capsys.readouterr()
+    assert "steps" in [l for l in (out.out + out.err).splitlines() if l.startswith("epoch 2/2")][0]
+    hyper = json.loads((tmp / "full" / "config.json").read_text())["hyper"]
+    assert (hyper["fast"], hyper["anderson"], hyper["tol"], hyper["tol_nudged"], hyper["warm_start"]) == \
+        (True, 5, 1e-3, 1e-2, True)
+    ckpt = torch.load(tmp / "full" / "checkpoint.pt", weights_only=True)
+    assert ckpt["warm_starts"].dtype == torch.float16 and ckpt["warm_starts"].abs().sum() > 0
+    assert "warm_starts" not in torch.load(tmp / "full" / "best_model.pt", weights_only=True)
+    # one epoch, then resumed without repeating --fast: the run's solver and warm starts continue
+    assert main.main(common + ["--epochs", "1", "--results-dir", str(tmp / "part")]) == 0
+    assert main.main(["--load-path", str(tmp / "part"), "--epochs", "2", "--save", "--data-dir",
+                      str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]) == 0
+    a, b = weights(tmp / "full" / "final_model.pt"), weights(tmp / "part" / "final_model.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # explicit flags override --fast's parts
+    assert main.main(base_args(tiny_imdb, "--fast", "--anderson", "3", "--epochs", "1", "--save",
+                               "--results-dir", str(tmp / "three"))) == 0
+    assert json.loads((tmp / "three" / "config.json").read_text())["hyper"]["anderson"] == 3
+    capsys.readouterr()
+    for bad in (["--fast"], ["--anderson", "4"], ["--tol-nudged", "0.01"], ["--warm-start"]):
+        assert main.main(base_args(tiny_imdb, "--alg", "BPTT", "--epochs", "1", *bad)) == 2
+        err = capsys.readouterr().err
+        assert "applies to EP training" in err and len(err.strip().splitlines()) == 1
+    assert main.main(base_args(tiny_imdb, "--anderson", "-1")) == 2
+    assert main.main(base_args(tiny_imdb, "--tol-nudged", "0")) == 2
+
+
+def test_gducheck_of_a_fast_run_says_it_takes_the_plain_steps(tiny_imdb, capsys):
+    import main
+    from test_main import base_args
+    tmp = tiny_imdb["tmp"]
+    assert main.main(base_args(tiny_imdb, "--fast", "--epochs", "1", "--save", "--results-dir",
+                               str(tmp / "run"))) == 0
+    capsys.readouterr()
+    assert main.main(["--execute", "gducheck", "--load-path", str(tmp / "run"), "--data-dir",
+                      str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"]), "--gdu-samples", "4",
+                      "--results-dir", str(tmp / "gdu")]) == 0
+    out = capsys.readouterr()
+    assert "plain synchronous steps" in out.out + out.err
+    assert "solver is not used here" in out.out + out.err
+
+
+def test_fast_solver_under_torchrun_equals_one_process_float64(tiny_imdb):
+    from test_dist import max_diff as weight_diff, single, torchrun
+    tmp = tiny_imdb["tmp"]
+    # converged phases (tight tolerances, generous caps): then the result does not depend on
+    # how the batch is split over ranks, and warm starts must reach the same fixed points
+    from test_main import base_args
+    common = base_args(tiny_imdb, "--dtype", "float64", "--save", "--anderson", "5", "--tol", "1e-12",
+                       "--tol-nudged", "1e-10", "--warm-start", "--T", "200", "--K", "200")
+    one = single(common + ["--epochs", "2", "--results-dir", str(tmp / "one")], tmp)
+    assert one.returncode == 0, one.stderr[-3000:]
+    first = torchrun(common + ["--epochs", "1", "--results-dir", str(tmp / "two")], tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = torch.load(tmp / "two" / "checkpoint.pt", weights_only=True)["warm_starts"]
+    assert table.abs().sum(1).gt(0).all()  # rank 0 holds the rows both ranks stored
+    second = torchrun(["--load-path", str(tmp / "two"), "--epochs", "2", "--save", "--data-dir",
+                       str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])], tmp)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert weight_diff(tmp / "one" / "final_model.pt", tmp / "two" / "final_model.pt") < 1e-6
