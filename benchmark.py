@@ -47,15 +47,17 @@ import sys
 import torch
 
 import model_utils as mu
+import registry
 
-DEFAULTS = {  # the issue's benchmark configurations
-    "IMDB": {"seqLen": 100, "fc_layers": [1000, 40, 2], "T": 50, "K": 25, "batch_size": 100,
-             "betas": [0.0, 0.1]},
-    "SNLI": {"seqLen": 25, "fc_layers": [400, 3], "T": 60, "K": 30, "batch_size": 200,
-             "betas": [0.0, 0.5]},
-}
-CLASSES = {"IMDB": 2, "SNLI": 3}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def defaults(dataset):
+    """The benchmark's default shape of a dataset: its registry entry's benchmark shape, else the
+    paper's configuration."""
+    spec = registry.get(dataset)
+    keys = ("seqLen", "fc_layers", "T", "K", "batch_size", "betas")
+    return spec.benchmark or {k: spec.paper[k] for k in keys}
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,7 +83,7 @@ def parse_args(argv=None):
                "with --load-path) against the original dynamics; prints one JSON line.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", choices=sorted(DEFAULTS), default="IMDB", help="architecture and input shape")
+    a("--dataset", choices=registry.names(), default="IMDB", help="architecture and input shape")
     a("--seqLen", type=positive(int), help="tokens per sequence (IMDB 100, SNLI 25)")
     a("--embed-dim", type=positive(int), default=300, help="word-vector size D")
     a("--fc_layers", type=positive(int), nargs="+", help="FC sizes, the last = classes")
@@ -121,11 +123,11 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed of the weights and random inputs")
     args = p.parse_args(argv)
     args.data = load_run(args, p) if args.load_path else None
-    for key, value in DEFAULTS[args.dataset].items():
+    for key, value in defaults(args.dataset).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.fc_layers[-1] != CLASSES[args.dataset]:
-        p.error(f"--fc_layers must end with {CLASSES[args.dataset]} classes for {args.dataset}, "
+    if args.fc_layers[-1] != registry.get(args.dataset).n_classes:
+        p.error(f"--fc_layers must end with {registry.get(args.dataset).n_classes} classes for {args.dataset}, "
                 f"got {args.fc_layers[-1]}")
     if args.alg == "BPTT" and args.K > args.T:
         p.error(f"BPTT needs K <= T, got K={args.K} > T={args.T}")
@@ -241,7 +243,7 @@ def random_batch(model, args, device, dtype, gen):
         idx = d["order"][torch.arange(args.cursor, args.cursor + B) % len(d["order"])]
         x = mu.embed(d["embeddings"], d["split"].ids[idx], dtype)
         return x.to(device), d["split"].labels[idx].to(device)
-    shape = (B, L, D) if model.P == 1 else (B, 2, L, D)
+    shape = (B, L, D) if model.n_inputs == 1 else (B, model.n_inputs, L, D)
     x = 0.15 * torch.randn(shape, generator=gen, dtype=dtype)  # word2vec-like scale
     y = torch.randint(0, model.n_classes, (B,), generator=gen)
     return x.to(device), y.to(device)

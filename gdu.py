@@ -21,14 +21,13 @@ is a batch mean while EP's state increments are per sample). The plain state gra
 −B·∂ℓ/∂s_t are kept in the result too (`bptt_state_grads`). Parameters need no such care: the
 Hebbian term ∂Φ/∂θ is batch-averaged exactly like ℓ.
 """
-import json
 import math
 import os
 
 import torch
 
 import model_utils as mu
-from data_utils import write_atomic
+from data_io import save_json
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 SIGN_LABEL = "−∂ℓ/∂θ  (EP: Σ ΔΦ_θ/β as is, BPTT: −Σ ∂ℓ/∂θ_t)"
@@ -489,11 +488,6 @@ def plot_convergence(trace, path):
 
 
 # ----------------------------------------------------------------------------- entry points
-def _write_json(obj, path):
-    """Write JSON atomically (temp file, fsync, rename)."""
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
 def run_gducheck(model, x, y, args, out_dir, log=print):
     """`--execute gducheck` on an embedded batch: convergence summary and per-layer table to
     `log`, gdu_metrics.json in out_dir, and with args.save the PNGs (+ convergence.png).
@@ -515,7 +509,7 @@ def run_gducheck(model, x, y, args, out_dir, log=print):
     log(format_table(metrics))
     log(format_conditions(result))
     path = os.path.join(out_dir, "gdu_metrics.json")
-    _write_json(metrics, path)
+    save_json(metrics, path)
     log(f"GDU metrics written to {path}")
     if getattr(args, "save", False):
         paths = plot_gdu(result, out_dir)

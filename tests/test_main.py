@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import main
+import registry
 from conftest import ROOT
 
 
@@ -284,7 +285,7 @@ def test_snli_train_and_test_through_the_cli(tmp_path, capsys):
                       "--hypothesis", "the man never sits ."]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[0].split("\t")[:4] == ["label", "score:neutral", "score:contradiction", "score:entailment"]
-    assert rows[1].split("\t")[0] in main.LABELS["SNLI"]
+    assert rows[1].split("\t")[0] in registry.get("SNLI").classes
 
 
 def test_export_stores_half_precision_weights_and_test_reproduces_its_accuracy(tiny_imdb, capsys):

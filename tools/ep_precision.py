@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model_utils as mu  # noqa: E402
+import registry  # noqa: E402
 
 
 def to_tf32(x):
@@ -79,7 +80,8 @@ def main(argv=None):
     vectors = torch.cat([torch.zeros(1, vectors.shape[1]), vectors])
     cfg = ckpt["config"]["model"]
     g = torch.Generator().manual_seed(args.seed)
-    shape = (args.batch, cfg["seq_len"]) if cfg["dataset"] == "IMDB" else (args.batch, 2, cfg["seq_len"])
+    n = registry.get(cfg["dataset"]).n_fields
+    shape = (args.batch, cfg["seq_len"]) if n == 1 else (args.batch, n, cfg["seq_len"])
     x = vectors[torch.randint(1, min(len(vectors), 3000), shape, generator=g)]
     y = torch.randint(0, cfg["fc_layers"][-1], (args.batch,), generator=g)
     names, ref = ep_gradient(ckpt, x, y, torch.float64, "none")
