@@ -49,7 +49,6 @@ import torch
 import model_utils as mu
 import registry
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def defaults(dataset):
@@ -98,7 +97,7 @@ def parse_args(argv=None):
     a("--batches", type=positive(int), default=3, help="timed batches after one warm-up")
     a("--reference", action="store_true", help="time the autograd-per-step reference dynamics")
     a("--compare", action="store_true", help="time fast path and reference, alternating")
-    a("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
+    a("--dtype", choices=sorted(mu.DTYPES), default="float32", help="model dtype")
     a("--tf32", choices=["off", "free", "all"], default="off",
       help="CUDA TF32 matmuls: off, in the free phase only (main.py's default), or everywhere")
     a("--bf16", action="store_true",
@@ -179,18 +178,15 @@ def load_run(args, parser):
 
 
 def pick_device(spec):
+    """--device: cpu, N or cuda:N (model_utils.pick_device: the CPU with a notice without CUDA)."""
     if spec == "cpu":
         return torch.device("cpu")
     try:
-        index = int(spec.split(":")[-1])
-    except ValueError:
-        print(f"benchmark.py: error: --device: expected N, cuda:N or cpu, got {spec!r}", file=sys.stderr)
+        return mu.pick_device(int(spec.split(":")[-1]), lambda msg: print(msg, file=sys.stderr))
+    except ValueError as e:
+        msg = str(e) if "CUDA device" in str(e) else f"--device: expected N, cuda:N or cpu, got {spec!r}"
+        print(f"benchmark.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
-    if torch.cuda.is_available():
-        return torch.device("cuda", index)
-    print(f"benchmark.py: CUDA is not available, running on CPU instead of cuda:{index}",
-          file=sys.stderr)
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- work counts
@@ -340,7 +336,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dtype = DTYPES[args.dtype]
+    dtype = mu.DTYPES[args.dtype]
     if args.bf16:
         try:
             notice = mu.bf16_notice(device)

@@ -29,7 +29,6 @@ import torch
 import model_utils as mu
 from data_io import save_json
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 SIGN_LABEL = "−∂ℓ/∂θ  (EP: Σ ΔΦ_θ/β as is, BPTT: −Σ ∂ℓ/∂θ_t)"
 
 
@@ -146,7 +145,7 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64, max
         raise ValueError(f"the GDU check needs 0 < K <= T, got T={T}, K={K}")
     if beta == 0:
         raise ValueError("the GDU check needs a nonzero beta")
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = mu.DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = mu.plain_copy(model, dtype)  # the theorem is about the plain synchronous steps
     model.requires_grad_(False)
     device = next(model.parameters()).device
@@ -421,7 +420,7 @@ def convergence_trace(model, x, T, dtype=None):
     convergence measure, `relative_change(s_t, s_{t−1})` (largest relative change of any layer,
     as --tol uses it), delta = ‖s_t − s_{t−1}‖∞ over all layers, phi = mean Φ(s_t) of the batch."""
     if dtype is not None:  # a copy only to change dtype; model.step below is the plain step anyway
-        model = mu.plain_copy(model, DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        model = mu.plain_copy(model, mu.DTYPES[dtype] if isinstance(dtype, str) else dtype)
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
     drive, keys = model.precompute(x)
@@ -527,7 +526,7 @@ def max_entries_of(args):
 
 def add_gdu_args(parser):
     """The GDU check's flags: --gdu-dtype (float64 default) and --gdu-samples (16)."""
-    parser.add_argument("--gdu-dtype", choices=sorted(DTYPES), default="float64",
+    parser.add_argument("--gdu-dtype", choices=sorted(mu.DTYPES), default="float64",
                         help="precision of the GDU check (EP is a finite difference in beta: "
                              "float32 loses the small-gradient layers)")
     parser.add_argument("--gdu-samples", type=int, default=16,

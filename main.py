@@ -247,22 +247,6 @@ def warn_memory(args, embed_dim, log):
             f"device's {total / 2**30:.1f} GiB: lower --seqLen or --fc_layers")
 
 
-def pick_device(index, log):
-    if torch.cuda.is_available():
-        index = 0 if index is None else index
-        if not 0 <= index < torch.cuda.device_count():
-            raise UsageError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) found")
-        return torch.device(f"cuda:{index}")
-    if index is not None:
-        log(f"notice: CUDA is not available, running on CPU (--device {index} ignored)")
-    return torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------- files
-
-
-# ----------------------------------------------------------------------------- RNG
-
 
 # ----------------------------------------------------------------------------- data
 def load_data(args, log):
@@ -737,14 +721,14 @@ def main(argv=None):
             if int(os.environ["RANK"]) > 0:
                 return 0
             log(f"notice: --execute {args.execute} runs in one process (rank 0) under torchrun")
-            args.device_obj = pick_device(int(os.environ.get("LOCAL_RANK", "0")), log)
+            args.device_obj = mu.pick_device(int(os.environ.get("LOCAL_RANK", "0")), log)
         elif dist_utils.launched():
             if args.dist_timeout <= 0:
                 raise UsageError(f"--dist-timeout must be positive (got {args.dist_timeout})")
             args.dist = dist_utils.Dist(args.dist_timeout)
             args.device_obj, who = args.dist.device, f"[rank {args.dist.rank}] "
         else:
-            args.device_obj = pick_device(args.device, log)
+            args.device_obj = mu.pick_device(args.device, log)
         if args.device_obj.type == "cuda":  # full float32 everywhere; TF32 only in free phases (hp)
             mu.set_cuda_tf32(False)
         if args.bf16:

@@ -173,6 +173,22 @@ def linear(x, w, b=None, add=None):
     return out if add is None else out + add
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the model dtypes a user can choose
+
+
+def pick_device(index=None, log=print):
+    """cuda:index where CUDA is available (index None: 0); otherwise the CPU, with a notice
+    when a CUDA index was asked for. ValueError for an index this machine does not have."""
+    if torch.cuda.is_available():
+        index = 0 if index is None else index
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) found")
+        return torch.device(f"cuda:{index}")
+    if index is not None:
+        log(f"notice: CUDA is not available, running on CPU (--device {index} ignored)")
+    return torch.device("cpu")
+
+
 class DivergenceError(RuntimeError):
     """A state, output or gradient became NaN/Inf."""
 
