@@ -271,10 +271,59 @@ def hyper_of(args):
 # ----------------------------------------------------------------------------- train
 
 
+class RunFolder:
+    """Where a training run writes (rank 0 with --save), and whether this run created it."""
+
+    def __init__(self, path, created, fresh):
+        self.path, self.created, self.fresh = path, created, fresh
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+
 def train(args, log):
-    resuming = args.load_path is not None
+    """--execute train: a new run, or the resumption of one (--load-path)."""
+    ckpt = start_training(args, log)
+    data = load_data(args, log)
+    seed_everything(args.seed)
+    model = training_model(args, ckpt, data, log)
+    optimizer, scheduler, state = training_state(args, model, ckpt, log)
+    if not ckpt:
+        refuse_dead_start(args, model, data)
+    config = runs.make_config(args, model, data, hyper_of(args))
+    run = open_run_folder(args, data, config, log)
+    hp = training_hyper(args, data, ckpt)
+    log(describe_training(args, model, data))
+    embeddings = data.embeddings.to(args.device_obj)
+    if len(data.train) and state["start_epoch"] < args.epochs:
+        log(time_estimate(args, model, data, embeddings, args.epochs - state["start_epoch"]))
+
+    def evaluate(split, desc):
+        return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
+                           hp["free_dtype"], args.dist, anderson=args.anderson)
+
+    from tqdm import tqdm
+    epoch = state["start_epoch"]
+    try:
+        for epoch in tqdm(range(state["start_epoch"], args.epochs), desc="epochs", initial=state["start_epoch"],
+                          total=args.epochs, dynamic_ncols=True):
+            stats = train_one_epoch(args, model, optimizer, scheduler, data, embeddings, hp, epoch, state,
+                                    evaluate, log)
+            improved = math.isnan(stats["val_acc"]) or stats["val_acc"] > state["best_val"]
+            state["best_val"] = stats["val_acc"] if improved else state["best_val"]
+            if run:
+                with deferred_sigint():  # Ctrl-C waits until this epoch's files are complete
+                    save_epoch(run.path, model, optimizer, scheduler, config, state["history"], epoch,
+                               state["best_val"], improved, hp["warm"])
+    except (KeyboardInterrupt, mu.DivergenceError, mu.DeadNetworkError) as e:
+        return stop_training(e, run, epoch, log)
+    return finish_training(args, model, data, run, config, state, evaluate, log)
+
+
+def start_training(args, log):
+    """The checkpoint to resume (or None); flags resolved against it and validated."""
     ckpt = load_checkpoint(find_checkpoint(args.load_path, ["checkpoint.pt", "final_model.pt"])) \
-        if resuming else None
+        if args.load_path is not None else None
     resolve(args, ckpt["config"] if ckpt else None)
     validate(args)
     if unused_flags(args):
@@ -283,11 +332,13 @@ def train(args, log):
     if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start):
         log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
             "them), not the --fast/--anderson/--tol-nudged/--warm-start solver of training")
-    if resuming and args.embeddings == "auto" and run_embeddings(args.load_path):
+    if ckpt and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
-    data = load_data(args, log)
-    seed_everything(args.seed)
-    dtype = getattr(torch, args.dtype)
+    return ckpt
+
+
+def training_model(args, ckpt, data, log):
+    """The model to train, on its device and dtype (the same weights on every torchrun rank)."""
     if ckpt:
         model = restore_model(ckpt, args.load_path)
     else:
@@ -298,16 +349,20 @@ def train(args, log):
         raise UsageError(f"the model expects {model.D}-d vectors and {model.n_classes} classes; the data "
                          f"has {data.embed_dim}-d vectors and {data.n_classes} classes (check --embeddings)")
     warn_memory(args, data.embed_dim, log)
-    model = model.to(args.device_obj, dtype)
+    model = model.to(args.device_obj, getattr(torch, args.dtype))
     if args.compile:
         model.compile_step()
-    dist = args.dist
-    if dist is not None:
-        dist.broadcast_model(model)  # identical weights on every rank, whatever happened before
+    if args.dist is not None:
+        args.dist.broadcast_model(model)  # identical weights on every rank, whatever happened before
+    return model
+
+
+def training_state(args, model, ckpt, log):
+    """Optimizer, scheduler and {history, start_epoch, best_val}, restored when resuming."""
     optimizer = mu.make_optimizer(model, args.lrs)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5) \
         if args.lr_decay else None
-    history, start_epoch, best_val = new_history(), 0, -1.0
+    state = {"history": new_history(), "start_epoch": 0, "best_val": -1.0}
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler"):
@@ -315,143 +370,146 @@ def train(args, log):
         if args.lrs_given and list(args.lrs) != ckpt["config"]["hyper"]["lrs"]:
             for group, lr in zip(optimizer.param_groups, args.lrs):  # explicit --lrs wins on resume
                 group["lr"] = group["initial_lr"] = lr
-        history.update(ckpt["history"])
-        start_epoch, best_val = ckpt["epoch"], ckpt["best_val"]
+        state["history"].update(ckpt["history"])
+        state["start_epoch"], state["best_val"] = ckpt["epoch"], ckpt["best_val"]
         set_rng_state(ckpt["rng"])
-        log(f"resuming from {args.load_path} after epoch {start_epoch}")
+        log(f"resuming from {args.load_path} after epoch {state['start_epoch']}")
+    return optimizer, scheduler, state
 
-    if not ckpt and len(data.train):  # a network born dead never learns: say so before training it
-        first = data.train.ids[:args.batch_size].to(args.device_obj)
-        dead = mu.initial_dead_layers(model, mu.embed(data.embeddings.to(args.device_obj), first, dtype), args.T)
-        if dead:
-            raise mu.DeadNetworkError(mu.dead_layer_message(
-                model, dead, f"of the first batch at initialisation (--init {args.init})",
-                "Change --seed, use --init centred, or a smooth --act (my_sigmoid)"))
 
-    run_dir = None
-    config = runs.make_config(args, model, data, hyper_of(args))
-    if args.save and (dist is None or dist.main):  # under torchrun only rank 0 writes
-        resume_dir = args.load_path if resuming and os.path.isdir(args.load_path) else None
-        run_dir = args.results_dir or resume_dir or default_run_dir(args)
-        same = resume_dir is not None and os.path.abspath(run_dir) == os.path.abspath(resume_dir)
-        created = not os.path.exists(run_dir)
-        fresh = not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
-        prepare_run_dir(run_dir, same, args.overwrite)
-        emb_path = os.path.join(run_dir, "embeddings.npz")
-        if not os.path.exists(emb_path):
-            data_utils.export_embeddings(data, emb_path)
-        with open(os.path.join(run_dir, "command.txt"), "a") as f:
-            f.write(command_line(args.argv) + "\n")
-        save_json(config, os.path.join(run_dir, "config.json"))
-        log(f"run folder: {run_dir}")
+def refuse_dead_start(args, model, data):
+    """A network born dead never learns: say so before training it."""
+    if not len(data.train):
+        return
+    first = data.train.ids[:args.batch_size].to(args.device_obj)
+    x = mu.embed(data.embeddings.to(args.device_obj), first, next(model.parameters()).dtype)
+    dead = mu.initial_dead_layers(model, x, args.T)
+    if dead:
+        raise mu.DeadNetworkError(mu.dead_layer_message(
+            model, dead, f"of the first batch at initialisation (--init {args.init})",
+            "Change --seed, use --init centred, or a smooth --act (my_sigmoid)"))
 
-    hp = {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
-          "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
-          "anderson": args.anderson, "tol_nudged": args.tol_nudged,
-          "warm": fixed_point.WarmStarts(len(data.train), args.fc_layers, args.device_obj)
-          if args.warm_start and args.alg == "EP" else None,
-          "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
-          "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
-    if hp["warm"] is not None and ckpt and ckpt.get("warm_starts") is not None:
-        hp["warm"].load(ckpt["warm_starts"])
-    log(f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
-        f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
-        f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}"
-        + (f", {dist.world} processes ({dist.backend}), {args.batch_size / dist.world:g} samples "
-           f"per process per batch" if dist else ""))
 
-    embeddings = data.embeddings.to(args.device_obj)
+def open_run_folder(args, data, config, log):
+    """--save: the run folder, prepared, with its vectors, command and config (rank 0 only)."""
+    if not args.save or (args.dist is not None and not args.dist.main):
+        return None
+    resume_dir = args.load_path if args.load_path and os.path.isdir(args.load_path) else None
+    path = args.results_dir or resume_dir or default_run_dir(args)
+    same = resume_dir is not None and os.path.abspath(path) == os.path.abspath(resume_dir)
+    run = RunFolder(path, not os.path.exists(path), not os.path.exists(os.path.join(path, "checkpoint.pt")))
+    prepare_run_dir(path, same, args.overwrite)
+    if not os.path.exists(run.file("embeddings.npz")):
+        data_utils.export_embeddings(data, run.file("embeddings.npz"))
+    with open(run.file("command.txt"), "a") as f:
+        f.write(command_line(args.argv) + "\n")
+    save_json(config, run.file("config.json"))
+    log(f"run folder: {path}")
+    return run
 
-    if len(data.train) and start_epoch < args.epochs:
-        log(time_estimate(args, model, data, embeddings, args.epochs - start_epoch))
 
-    def evaluate(split, desc):
-        return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
-                           hp["free_dtype"], dist, anderson=args.anderson)
+def training_hyper(args, data, ckpt):
+    """What train_epoch needs (model_utils.train_epoch), with the warm-start table if any."""
+    warm = fixed_point.WarmStarts(len(data.train), args.fc_layers, args.device_obj) \
+        if args.warm_start and args.alg == "EP" else None
+    if warm is not None and ckpt and ckpt.get("warm_starts") is not None:
+        warm.load(ckpt["warm_starts"])
+    return {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
+            "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
+            "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm,
+            "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
+            "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
 
-    from tqdm import tqdm
-    epoch = start_epoch
-    try:
-        for epoch in tqdm(range(start_epoch, args.epochs), desc="epochs", initial=start_epoch,
-                          total=args.epochs, dynamic_ncols=True):
-            gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-            stats = mu.train_epoch(model, optimizer, data.train, embeddings, hp, gen,
-                                   desc=f"epoch {epoch + 1}", dist=dist)
-            if hp["warm"] is not None:
-                hp["warm"].sync(dist)
-            lr = [g["lr"] for g in optimizer.param_groups]
-            if scheduler is not None:
-                scheduler.step()
-            val_acc = evaluate(data.val, "val")
-            last = epoch + 1 == args.epochs
-            due = (args.test_every and (epoch + 1) % args.test_every == 0) or last
-            test_acc = evaluate(data.test, "test") if due else None
-            for key, v in [("train_acc", stats["train_acc"]), ("val_acc", val_acc), ("test_acc", test_acc),
-                           ("epoch_time_s", stats["seconds"]),
-                           ("samples_per_s", stats["samples"] / stats["seconds"]),
-                           ("free_steps", stats["free_steps"]), ("nudged_steps", stats["nudged_steps"]),
-                           ("lr", lr)]:
-                history[key].append(v)
-            if args.check_thm:
-                history["gdu"].append(check_theorem(model, data.train, embeddings, args, epoch + 1, log))
-            log(f"epoch {epoch + 1}/{args.epochs}: train acc {stats['train_acc']:.4f}  "
-                       f"val acc {val_acc:.4f}  test acc "
-                       f"{'-' if test_acc is None else f'{test_acc:.4f}'}  "
-                       f"{stats['seconds']:.1f}s  {stats['samples'] / stats['seconds']:.1f} samples/s"
-                       + (f"  steps {stats['free_steps']:.1f}+{stats['nudged_steps']:.1f}"
-                          if args.tol or args.tol_nudged else ""))
-            if stats["dead"]:
-                msg = mu.dead_layer_message(model, stats["dead"], f"of epoch {epoch + 1}")
-                if len(model.fc) - 1 in stats["dead"]:  # no output, no learning: stop
-                    raise mu.DeadNetworkError(msg)
-                log(f"WARNING: {msg}")
-            improved = math.isnan(val_acc) or val_acc > best_val
-            best_val = val_acc if improved else best_val
-            if run_dir:
-                with deferred_sigint():  # Ctrl-C waits until this epoch's files are complete
-                    save_epoch(run_dir, model, optimizer, scheduler, config, history, epoch, best_val, improved,
-                               hp["warm"])
-    except (KeyboardInterrupt, mu.DivergenceError, mu.DeadNetworkError) as e:
-        kept = run_dir and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
-        if run_dir and not kept and fresh:  # no epoch completed: leave nothing half-made
-            abandon_run_dir(run_dir, created)
-        where = (f"; the last complete epoch is kept in {run_dir}/checkpoint.pt (resume with "
-                 f"--load-path {run_dir})" if kept else
-                 f"; no epoch had completed, so {run_dir} was removed" if run_dir else "")
-        if isinstance(e, KeyboardInterrupt):
-            log(f"interrupted during epoch {epoch + 1}{where}")
-            return 130
-        what = "training diverged" if isinstance(e, mu.DivergenceError) else "the network died"
-        log(f"error: {what} in epoch {epoch + 1}: {e}{where}"
-            + (". Lower --lrs or --betas." if isinstance(e, mu.DivergenceError) else ""))
-        return 3
 
-    if args.save and args.epochs > 0:
-        best = None
-        if run_dir:
-            final = model_only({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
-                                "epoch": args.epochs, "history": history, "best_val": best_val})
-            save_torch(final, os.path.join(run_dir, "final_model.pt"))
-            best = load_checkpoint(os.path.join(run_dir, "best_model.pt"))
-        best_epoch = best["epoch"] if best else None
+def describe_training(args, model, data):
+    dist = args.dist
+    return (f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+            f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
+            f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}"
+            + (f", {dist.world} processes ({dist.backend}), {args.batch_size / dist.world:g} samples "
+               f"per process per batch" if dist else ""))
+
+
+def train_one_epoch(args, model, optimizer, scheduler, data, embeddings, hp, epoch, state, evaluate, log):
+    """One epoch, its evaluation, its history entries and its log line; returns the stats."""
+    gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    stats = mu.train_epoch(model, optimizer, data.train, embeddings, hp, gen, desc=f"epoch {epoch + 1}",
+                           dist=args.dist)
+    if hp["warm"] is not None:
+        hp["warm"].sync(args.dist)
+    lr = [g["lr"] for g in optimizer.param_groups]
+    if scheduler is not None:
+        scheduler.step()
+    stats["val_acc"] = val_acc = evaluate(data.val, "val")
+    due = (args.test_every and (epoch + 1) % args.test_every == 0) or epoch + 1 == args.epochs
+    test_acc = evaluate(data.test, "test") if due else None
+    history = state["history"]
+    for key, v in [("train_acc", stats["train_acc"]), ("val_acc", val_acc), ("test_acc", test_acc),
+                   ("epoch_time_s", stats["seconds"]), ("samples_per_s", stats["samples"] / stats["seconds"]),
+                   ("free_steps", stats["free_steps"]), ("nudged_steps", stats["nudged_steps"]), ("lr", lr)]:
+        history[key].append(v)
+    if args.check_thm:
+        history["gdu"].append(check_theorem(model, data.train, embeddings, args, epoch + 1, log))
+    log(f"epoch {epoch + 1}/{args.epochs}: train acc {stats['train_acc']:.4f}  val acc {val_acc:.4f}  "
+        f"test acc {'-' if test_acc is None else f'{test_acc:.4f}'}  {stats['seconds']:.1f}s  "
+        f"{stats['samples'] / stats['seconds']:.1f} samples/s"
+        + (f"  steps {stats['free_steps']:.1f}+{stats['nudged_steps']:.1f}" if args.tol or args.tol_nudged else ""))
+    if stats["dead"]:
+        msg = mu.dead_layer_message(model, stats["dead"], f"of epoch {epoch + 1}")
+        if len(model.fc) - 1 in stats["dead"]:  # no output, no learning: stop
+            raise mu.DeadNetworkError(msg)
+        log(f"WARNING: {msg}")
+    return stats
+
+
+def stop_training(e, run, epoch, log):
+    """Ctrl-C/SIGTERM (exit 130), divergence or a dead network (exit 3): keep the last complete
+    epoch, or leave nothing if none completed."""
+    kept = run is not None and os.path.exists(run.file("checkpoint.pt"))
+    if run is not None and not kept and run.fresh:  # no epoch completed: leave nothing half-made
+        abandon_run_dir(run.path, run.created)
+    where = (f"; the last complete epoch is kept in {run.path}/checkpoint.pt (resume with "
+             f"--load-path {run.path})" if kept else
+             f"; no epoch had completed, so {run.path} was removed" if run is not None else "")
+    if isinstance(e, KeyboardInterrupt):
+        log(f"interrupted during epoch {epoch + 1}{where}")
+        return 130
+    what = "training diverged" if isinstance(e, mu.DivergenceError) else "the network died"
+    log(f"error: {what} in epoch {epoch + 1}: {e}{where}"
+        + (". Lower --lrs or --betas." if isinstance(e, mu.DivergenceError) else ""))
+    return 3
+
+
+def finish_training(args, model, data, run, config, state, evaluate, log):
+    """final_model.pt, and the test accuracy of the best-validation weights in metrics.json."""
+    history, best_val, dist = state["history"], state["best_val"], args.dist
+    if not (args.save and args.epochs > 0):
+        if history["test_acc"]:
+            log(f"final test accuracy {history['test_acc'][-1]:.4f}")
+        return 0
+    best = None
+    if run:
+        final = model_only({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                            "epoch": args.epochs, "history": history, "best_val": best_val})
+        save_torch(final, run.file("final_model.pt"))
+        best = load_checkpoint(run.file("best_model.pt"))
+    best_epoch = best["epoch"] if best else None
+    if dist is not None:
+        best_epoch = dist.broadcast_object(best_epoch)
+    if best_epoch == args.epochs and history["test_acc"][-1] is not None:
+        test_acc = history["test_acc"][-1]  # the last epoch is the best: already evaluated
+    else:
+        if best:
+            model.load_state_dict(best["model"])
         if dist is not None:
-            best_epoch = dist.broadcast_object(best_epoch)
-        if best_epoch == args.epochs and history["test_acc"][-1] is not None:
-            test_acc = history["test_acc"][-1]  # the last epoch is the best: already evaluated
-        else:
-            if best:
-                model.load_state_dict(best["model"])
-            if dist is not None:
-                dist.broadcast_model(model)  # rank 0 read the best weights
-            test_acc = evaluate(data.test, "test")
-        if run_dir:
-            metrics = dict(history)
-            metrics.update({"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_acc": best_val})
-            save_json(metrics, os.path.join(run_dir, "metrics.json"))
-        log(f"best model (epoch {best_epoch}, val acc {best_val:.4f}): test accuracy {test_acc:.4f}")
-    elif history["test_acc"]:
-        log(f"final test accuracy {history['test_acc'][-1]:.4f}")
+            dist.broadcast_model(model)  # rank 0 read the best weights
+        test_acc = evaluate(data.test, "test")
+    if run:
+        metrics = dict(history)
+        metrics.update({"test_accuracy": test_acc, "best_epoch": best_epoch, "best_val_acc": best_val})
+        save_json(metrics, run.file("metrics.json"))
+    log(f"best model (epoch {best_epoch}, val acc {best_val:.4f}): test accuracy {test_acc:.4f}")
     return 0
 
 
