@@ -26,7 +26,7 @@ import torch
 from data_io import CACHE_ENV, DataError, load_cache, progress, save_cache, stable_hash, write_atomic
 import registry
 from sources import SPLIT_SEED, Source, TokenBuilder, stratified_pick
-from text import dataset_name, tokenize
+from text import RULES, dataset_name, tokenize
 from word_vectors import Vectors, fit_word2vec, resolve_embeddings
 
 TOKENS_VERSION = 1             # bump when cleaning/tokenization changes
@@ -82,6 +82,10 @@ def add_data_args(parser):
     g.add_argument('--val-split', type=float, default=None,
                    help='fraction of train held out for validation (default 0.05; SNLI uses the dev '
                         'file when present)')
+    g.add_argument('--tokenize', choices=RULES, default=None,
+                   help="tokenisation: paper (default: ToktokTokenizer after the paper's cleaning, "
+                        "which keeps 'movie.' as one word inside a text) or split-punctuation "
+                        "(. ? ! always tokens of their own); a run keeps its rule")
     g.add_argument('--max-train', type=int, default=None, metavar='N',
                    help='use a deterministic class-balanced subsample of N training examples')
     g.add_argument('--max-test', type=int, default=None, metavar='N',
@@ -174,19 +178,20 @@ def _find_source(dataset, data_dir: Path, cache_dir: Path, imdb_source, log, spl
     return registry.get(dataset).find_source(data_dir, cache_dir, {'imdb_source': imdb_source}, log, splits)
 
 
-def _tokens_key_path(dataset, source, cache_dir: Path, splits=None):
-    """Cache key and file of a source's tokenized splits (all, or only `splits`)."""
-    key = stable_hash([TOKENS_VERSION, dataset, source.kind, source.info] + ([sorted(splits)] if splits else []))
+def _tokens_key_path(dataset, source, cache_dir: Path, splits=None, rule='paper'):
+    """Cache key and file of a source's tokenized splits (all, or only `splits`) under `rule`."""
+    key = stable_hash([TOKENS_VERSION, dataset, source.kind, source.info] + ([sorted(splits)] if splits else [])
+                      + ([rule] if rule != 'paper' else []))
     return key, cache_dir / 'tokens' / f'{dataset}-{key}.pt'
 
 
-def _load_tokens(dataset, source, tokens_path, log, splits=None):
+def _load_tokens(dataset, source, tokens_path, log, splits=None, rule='paper'):
     """The tokenized splits of a source, from the cache or read and tokenized now (then cached)."""
     tokens = load_cache(tokens_path, log)
     if tokens is None:
         log(f'{dataset}: reading and tokenizing {source.kind} source'
-            + (f' ({", ".join(splits)} only)' if splits else ''))
-        builder = TokenBuilder(dataset, splits)
+            + (f' ({", ".join(splits)} only)' if splits else '') + (f', --tokenize {rule}' if rule != 'paper' else ''))
+        builder = TokenBuilder(dataset, splits, rule)
         source.read(builder, log)
         tokens = builder.finish()
         save_cache(tokens, tokens_path, log)
@@ -239,7 +244,10 @@ def load_data(args, log=print) -> Data:
         log(w)
     emb = resolve_embeddings(_arg(args, 'embeddings', 'auto'), log, bool(_arg(args, 'trust_pickle', False)))
 
-    tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir, only)
+    rule = _arg(args, 'tokenize', 'paper')
+    if rule not in RULES:
+        raise DataError(f"--tokenize must be one of {', '.join(RULES)} (got {rule!r})")
+    tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir, only, rule)
     prepared_key = stable_hash([PREPARED_VERSION, tokens_key, emb.identity, seq_len])
     prepared_path = cache_dir / 'prepared' / f'{dataset}-{prepared_key}-L{seq_len}.pt'
 
@@ -248,7 +256,7 @@ def load_data(args, log=print) -> Data:
     if hit:
         log(f'{dataset}: prepared data from cache {prepared_path}')
     else:
-        tokens = _load_tokens(dataset, source, tokens_path, log, only)
+        tokens = _load_tokens(dataset, source, tokens_path, log, only, rule)
         tokens['key'] = tokens_key
         vectors = emb.load(tokens, cache_dir, log)
         prepared = _prepare(tokens, vectors, seq_len, log)
@@ -282,7 +290,7 @@ def load_data(args, log=print) -> Data:
             test = _subset(test, stratified_pick(test.labels, count=max_test))
 
     info = {
-        'dataset': dataset, 'seq_len': seq_len, 'n_classes': registry.get(dataset).n_classes,
+        'dataset': dataset, 'seq_len': seq_len, 'n_classes': registry.get(dataset).n_classes, 'tokenize': rule,
         'source': {'kind': source.kind, **source.info},
         'embeddings': {**emb.identity, 'dim': int(prepared['embeddings'].shape[1]),
                        'fingerprint': stable_hash(emb.identity)},
@@ -300,24 +308,24 @@ def load_data(args, log=print) -> Data:
     return Data(train, val, test, prepared['embeddings'], prepared['vocab'], registry.get(dataset).n_classes, seq_len, info)
 
 
-def encode_texts(texts, vocab, dataset, seq_len) -> torch.Tensor:
+def encode_texts(texts, vocab, dataset, seq_len, rule='paper') -> torch.Tensor:
     """Clean, tokenize and map raw texts to int32 ids [N, L] with `vocab` (OOV dropped, 0-padded)."""
     word_id = vocab if isinstance(vocab, dict) else {w: i for i, w in enumerate(vocab)}
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise DataError(f'seq_len must be a positive integer (got {seq_len!r})')
     out = torch.zeros(len(texts), seq_len, dtype=torch.int32)
     for n, text in enumerate(texts):
-        ids = [i for i in (word_id.get(t, 0) for t in tokenize(text, dataset)) if i > 0][:seq_len]
+        ids = [i for i in (word_id.get(t, 0) for t in tokenize(text, dataset, rule)) if i > 0][:seq_len]
         out[n, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
     return out
 
 
-def known_words(texts, vocab, dataset):
+def known_words(texts, vocab, dataset, rule='paper'):
     """(known, total) token counts per text: how many of its tokens have a vector in `vocab`."""
     word_id = vocab if isinstance(vocab, dict) else {w: i for i, w in enumerate(vocab)}
     out = []
     for text in texts:
-        toks = tokenize(text, dataset)
+        toks = tokenize(text, dataset, rule)
         out.append((sum(1 for t in toks if word_id.get(t, 0) > 0), len(toks)))
     return out
 

@@ -148,6 +148,8 @@ def resolve(args, saved=None):
     info = saved.get("data", {})  # the data options of a loaded run, unless given again
     if getattr(args, "val_split", None) is None and info.get("val", {}).get("fraction") is not None:
         args.val_split = info["val"]["fraction"]
+    if getattr(args, "tokenize", None) is None and info.get("tokenize"):
+        args.tokenize = info["tokenize"]  # a run is evaluated with the tokens it was trained on
     for key in ("max_train", "max_test"):  # a resumed run keeps its subsamples; test uses all
         if getattr(args, key, None) is None and args.execute == "train":
             setattr(args, key, info.get("subsample", {}).get(key))
@@ -636,12 +638,13 @@ def predict(args, log):
         vectors = torch.cat([torch.zeros(1, f["vectors"].shape[1]), torch.from_numpy(f["vectors"]).float()])
     texts = read_predict_inputs(args)  # one string per text, or one tuple of fields
     fields = [list(texts)] if isinstance(texts[0], str) else [list(t) for t in zip(*texts)]
-    ids = [data_utils.encode_texts(f, vocab, args.dataset, args.seqLen) for f in fields]
+    rule = args.tokenize or "paper"
+    ids = [data_utils.encode_texts(f, vocab, args.dataset, args.seqLen, rule) for f in fields]
     ids = ids[0] if len(ids) == 1 else torch.stack(ids, 1)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
                              free_dtype=torch.bfloat16 if args.bf16 else None, anderson=args.anderson)
-    known = [data_utils.known_words(f, vocab, args.dataset) for f in fields]  # per field, per text
+    known = [data_utils.known_words(f, vocab, args.dataset, rule) for f in fields]  # per field, per text
     print_predictions(texts, out, known, args.dataset, log)
     return 0
 

@@ -37,8 +37,9 @@ SNLI_URL = 'https://nlp.stanford.edu/projects/snli/snli_1.0.zip'
 class TokenBuilder:
     """Collects tokenized examples as int32 ids into one word table; sorted and packed at the end."""
 
-    def __init__(self, dataset, splits=None):
+    def __init__(self, dataset, splits=None, rule="paper"):
         self.dataset, self.splits = dataset, splits   # splits: read only these (None: all)
+        self.rule = rule                              # text.RULES
         self.word_id = {}
         self.words = []
         self.rows = defaultdict(list)   # split -> [(sort key, label, [array('i') per text field])]
@@ -49,7 +50,7 @@ class TokenBuilder:
         fields = []
         for text in texts:
             ids = array('i')
-            for tok in tokenize(text, self.dataset):
+            for tok in tokenize(text, self.dataset, self.rule):
                 i = self.word_id.get(tok)
                 if i is None:
                     i = self.word_id[tok] = len(self.words)

@@ -729,3 +729,34 @@ def test_train_vectors_on_a_corpus_writes_unit_norm_npz_that_loads(tiny_imdb):
     assert du.load_data(args, log=lambda m: None).embed_dim == 8
     assert du.main(argv[:2] + ["--vector-norm", "0"]) == 2          # one clear line, exit 2
     assert du.main(["--train-vectors", "w2v.txt"]) == 2
+
+
+def test_split_punctuation_rule_is_an_option_with_its_own_cache_and_travels_with_a_run(tmp_path, capsys):
+    text = 'A great movie. The plot was good! Really?'
+    assert 'movie.' in text_rules.tokenize(text, 'IMDB')                   # the paper's rule
+    split = text_rules.tokenize(text, 'IMDB', 'split-punctuation')
+    assert 'movie.' not in split and split[:4] == ['a', 'great', 'movie', '.']
+    assert text_rules.tokenize('A man.Sits?', 'SNLI', 'split-punctuation') == \
+        text_rules.tokenize('A man.Sits?', 'SNLI')                         # SNLI splits them already
+    with pytest.raises(du.DataError, match='unknown tokenisation rule'):
+        text_rules.clean_text('x', 'IMDB', 'nope')
+    # through the command line: recorded in config.json, used again by predict
+    import main
+    from conftest import write_tiny_imdb, write_vectors, POS, NEG, FILLER
+    data = write_tiny_imdb(tmp_path / 'data')
+    vec = write_vectors(tmp_path / 'v.txt', POS + NEG + FILLER + ['.'])
+    common = ['--dataset', 'IMDB', '--data-dir', str(data), '--embeddings', str(vec), '--cache-dir',
+              str(tmp_path / 'cache'), '--seqLen', '10', '--fc_layers', '8', '2', '--lrs', '0.03', '0.03', '0.03',
+              '--T', '8', '--K', '4', '--epochs', '1', '--batch_size', '16', '--save']
+    assert main.main(common + ['--tokenize', 'split-punctuation', '--results-dir', str(tmp_path / 'split')]) == 0
+    assert main.main(common + ['--results-dir', str(tmp_path / 'paper')]) == 0
+    infos = {r: json.loads((tmp_path / r / 'config.json').read_text())['data'] for r in ('split', 'paper')}
+    assert infos['split']['tokenize'] == 'split-punctuation' and infos['paper']['tokenize'] == 'paper'
+    # 'Good.' ends the tiny reviews: split off, its '.' has a vector; the paper's rule drops 'good.' as OOV
+    assert infos['split']['oov']['all']['oov_tokens'] < infos['paper']['oov']['all']['oov_tokens']
+    assert infos['split']['cache']['tokens'] != infos['paper']['cache']['tokens']
+    capsys.readouterr()
+    assert main.main(['--execute', 'predict', '--load-path', str(tmp_path / 'split'), '--text', 'good. great.']) == 0
+    assert '\t4/4\t' in capsys.readouterr().out    # good . great . : all known
+    assert main.main(['--execute', 'predict', '--load-path', str(tmp_path / 'paper'), '--text', 'good. great.']) == 0
+    assert '\t1/3\t' in capsys.readouterr().out    # good. great . : only 'great' is in that run's vocabulary
