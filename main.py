@@ -39,7 +39,7 @@ from runs import (CHECKPOINT_FORMAT, UsageError, abandon_run_dir, command_line, 
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start"]
+         "warm_start", "weight_decay"]
 # --fast: the combination measured best (docs/speed.md, "Fewer steps"); explicit flags override it
 FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "warm_start": True}
 SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")
@@ -71,6 +71,8 @@ def build_parser():
     a("--lr-decay", dest="lr_decay", action="store_true", default=None,
       help="cosine annealing of the learning rates (T_max 100 epochs, eta_min 1e-5)")
     a("--epochs", type=int, help="training epochs (default 50)")
+    a("--weight-decay", dest="weight_decay", type=float,
+      help="decoupled weight decay (AdamW) of the weight matrices, biases excluded (default 0: Adam)")
     a("--batch_size", type=int, help="batch size (default IMDB 100, SNLI 200)")
     a("--seed", type=int, help="random seed (default 0)")
     a("--tol", type=float, help="stop a phase early when the largest relative state change "
@@ -159,7 +161,7 @@ def resolve(args, saved=None):
             if getattr(args, key) is None:
                 setattr(args, key, value)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
-                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False,
+                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "weight_decay": 0.0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}
@@ -204,6 +206,7 @@ def validate(args):
         (args.tol_nudged is not None and args.tol_nudged <= 0,
          f"--tol-nudged must be positive, got {args.tol_nudged}"),
         (args.anderson < 0, f"--anderson must be >= 0, got {args.anderson}"),
+        (args.weight_decay < 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (args.test_every < 0, f"--test-every must be >= 0, got {args.test_every}"),
         (args.bptt_checkpoint < 0, f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}"),
     ]
@@ -361,17 +364,23 @@ def training_model(args, ckpt, data, log):
 
 def training_state(args, model, ckpt, log):
     """Optimizer, scheduler and {history, start_epoch, best_val}, restored when resuming."""
-    optimizer = mu.make_optimizer(model, args.lrs)
+    optimizer = mu.make_optimizer(model, args.lrs, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5) \
         if args.lr_decay else None
     state = {"history": new_history(), "start_epoch": 0, "best_val": -1.0}
     if ckpt:
+        saved_wd = ckpt["config"]["hyper"].get("weight_decay") or 0.0
+        if bool(saved_wd) != bool(args.weight_decay):
+            raise UsageError(f"--weight-decay {args.weight_decay:g}: this run was trained with weight decay "
+                             f"{saved_wd:g}; resume it with a nonzero value if and only if it had one")
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
-        if args.lrs_given and list(args.lrs) != ckpt["config"]["hyper"]["lrs"]:
-            for group, lr in zip(optimizer.param_groups, args.lrs):  # explicit --lrs wins on resume
-                group["lr"] = group["initial_lr"] = lr
+        for k, group in enumerate(optimizer.param_groups):  # explicit --lrs / --weight-decay win on resume
+            if args.lrs_given and list(args.lrs) != ckpt["config"]["hyper"]["lrs"]:
+                group["lr"] = group["initial_lr"] = args.lrs[group.get("layer", k)]
+            if group.get("weight_decay"):
+                group["weight_decay"] = args.weight_decay
         state["history"].update(ckpt["history"])
         state["start_epoch"], state["best_val"] = ckpt["epoch"], ckpt["best_val"]
         set_rng_state(ckpt["rng"])

@@ -756,16 +756,26 @@ def check_grads_finite(model):
 
 
 # ----------------------------------------------------------------------------- loops
-def make_optimizer(model, lrs):
-    """Adam with one parameter group (and learning rate) per synapse layer."""
+def make_optimizer(model, lrs, weight_decay=0.0):
+    """Adam with one parameter group (and learning rate) per synapse layer. weight_decay > 0:
+    AdamW, the decay decoupled from the gradient (each weight shrinks by lr·wd per step), on
+    the weight matrices only (projections and FC weights; biases are not decayed), so each
+    layer then has a weight group and a bias group with the same learning rate."""
     groups = model.layer_groups()
     if len(lrs) != len(groups):
         raise ValueError(f"--lrs needs {len(groups)} learning rates for this architecture "
                          f"({model.P} projection + {len(model.fc)} fully connected layers), "
                          f"got {len(lrs)}")
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())  # one kernel per tensor
-    return torch.optim.Adam([{"params": g, "lr": lr} for g, lr in zip(groups, lrs)], eps=1e-8,
-                            fused=fused or None)
+    if not weight_decay:
+        return torch.optim.Adam([{"params": g, "lr": lr, "layer": k} for k, (g, lr) in enumerate(zip(groups, lrs))],
+                                eps=1e-8, fused=fused or None)
+    split = []
+    for k, (g, lr) in enumerate(zip(groups, lrs)):
+        split.append({"params": g[:1], "lr": lr, "weight_decay": weight_decay, "layer": k})
+        if len(g) > 1:
+            split.append({"params": g[1:], "lr": lr, "weight_decay": 0.0, "layer": k})
+    return torch.optim.AdamW(split, eps=1e-8, fused=fused or None)
 
 
 def embed(embeddings, ids, dtype):

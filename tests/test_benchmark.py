@@ -136,6 +136,8 @@ def test_compiled_step_equals_eager(dataset):
             runs[compiled] = [s0] + [mu.relax(model, s0, drive, keys, 8, b, y)[0] for b in (0.4, -0.4)]
         mu.ep_gradients(model, x, y, 15, 8, (0.0, 0.4), True)
         runs[compiled].append([p.grad.clone() for p in model.params()])
+        mu.ep_gradients(model, x, y, 15, 8, (0.0, 0.4), True, anderson=5)  # the sweep steps, jointly ±β
+        runs[compiled].append([p.grad.clone() for p in model.params()])
     assert set(model.compiled) == set(model.STEP_METHODS)
     for eager, comp in zip(runs[False], runs[True]):
         for a, b in zip(comp, eager):

@@ -209,3 +209,34 @@ def test_config_records_no_absolute_paths(tiny_imdb):
     for name in ("test_SNLI_25_300", "test_IMDB_200_100"):
         shipped = (ROOT / "saved_models" / name / "config.json").read_text()
         assert '"/' not in shipped, name
+
+
+def test_weight_decay_shrinks_weights_not_biases_records_and_resumes_exactly(tiny_imdb, capsys):
+    import json
+    import main
+    from test_main import base_args, weights
+    model = mu.EPNet("IMDB", 4, 5, [6, 2])
+    opt = mu.make_optimizer(model, [0.1, 0.1, 0.1], weight_decay=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradient: only the decoupled decay moves the weights
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            assert torch.equal(p, before[n]), n
+        else:
+            torch.testing.assert_close(p.detach(), before[n] * (1 - 0.1 * 0.5))
+    tmp = tiny_imdb["tmp"]
+    common = base_args(tiny_imdb, "--weight-decay", "0.01", "--save", "--lr-decay")
+    assert main.main(common + ["--epochs", "2", "--results-dir", str(tmp / "full")]) == 0
+    assert json.loads((tmp / "full" / "config.json").read_text())["hyper"]["weight_decay"] == 0.01
+    assert main.main(common + ["--epochs", "1", "--results-dir", str(tmp / "part")]) == 0
+    assert main.main(["--load-path", str(tmp / "part"), "--epochs", "2", "--save", "--data-dir",
+                      str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]) == 0
+    a, b = weights(tmp / "full" / "final_model.pt"), weights(tmp / "part" / "final_model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main.main(["--load-path", str(tmp / "part"), "--epochs", "3", "--weight-decay", "0", "--data-dir",
+                      str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]) == 2
+    assert "trained with weight decay 0.01" in capsys.readouterr().err
+    assert main.main(base_args(tiny_imdb, "--weight-decay", "-1")) == 2
