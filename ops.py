@@ -1,0 +1,152 @@
+"""The building blocks of the dynamics: the activations σ, their exact differences
+σ(a + d) − σ(a) and the softmax's (the nudged phases run on such differences, docs/precision.md),
+and the CPU matmul kernel choice (`linear`: oneDNN where it runs, probed per dtype)."""
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- activations
+def my_sigmoid(x):
+    return torch.sigmoid(4.0 * (x - 0.5))
+
+
+def hard_sigmoid(x):
+    return (1.0 + F.hardtanh(2.0 * x - 1.0)) * 0.5
+
+
+def my_hard_sig(x):
+    return (1.0 + F.hardtanh(x - 1.0)) * 0.5
+
+
+ACTIVATIONS = {
+    "my_sigmoid": my_sigmoid,
+    "mysig": my_sigmoid,
+    "hard_sigmoid": hard_sigmoid,
+    "my_hard_sig": my_hard_sig,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+# σ(a + d) − σ(a) without forming a + d: the nudged phases move the states by tiny amounts d
+# from the free fixed point, and a + d rounded to float32 would lose most of d's digits.
+def _clamp_delta(lo, hi, scale):  # σ(x) = scale·clamp(x, lo, hi) + const
+    def delta(a, d):
+        return scale * (torch.minimum(torch.maximum(d, lo - a), hi - a) + (a - a.clamp(lo, hi)))
+    return delta
+
+
+def _sigmoid_delta(a, d):  # σ(a+d) − σ(a) = σ(a+d)·(1 − σ(a))·(1 − e^(−d))
+    return torch.sigmoid(a + d) * torch.sigmoid(-a) * -torch.expm1(-d)
+
+
+def _my_sigmoid_delta(a, d):
+    return _sigmoid_delta(4.0 * (a - 0.5), 4.0 * d)
+
+
+def _tanh_delta(a, d):  # tanh(a+d) − tanh(a) = sinh(d) / (cosh(a)·cosh(a+d))
+    return torch.sinh(d) / (torch.cosh(a) * torch.cosh(a + d))
+
+
+# The pre-activation at the middle of σ's working range, and the state values σ takes on its
+# flat parts (where ∂σ = 0: a unit there passes no nudge and gets no gradient).
+ACTIVATION_CENTRE = {"my_sigmoid": 0.5, "mysig": 0.5, "hard_sigmoid": 0.5, "my_hard_sig": 1.0,
+                     "tanh": 0.0, "sigmoid": 0.0}
+ACTIVATION_FLAT = {"hard_sigmoid": (0.0, 1.0), "my_hard_sig": (0.0, 1.0)}
+INITS = ("centred", "torch")
+
+ACTIVATION_DELTAS = {
+    "my_sigmoid": _my_sigmoid_delta, "mysig": _my_sigmoid_delta,
+    "hard_sigmoid": _clamp_delta(0.0, 1.0, 1.0),   # (1 + hardtanh(2x − 1))/2 = clamp(x, 0, 1)
+    "my_hard_sig": _clamp_delta(0.0, 2.0, 0.5),    # (1 + hardtanh(x − 1))/2 = clamp(x, 0, 2)/2
+    "tanh": _tanh_delta, "sigmoid": _sigmoid_delta,
+}
+
+
+def softmax_delta(p0, ds):
+    """softmax(S0 + ds) − softmax(S0) along the last axis from p0 = softmax(S0), to the relative
+    precision of ds: with v = e^(ds−c) − 1 (expm1), p' − p0 = p0·(v − Σp0v)/(1 + Σp0v).
+    c = max(0, max ds − 60) only keeps expm1 finite for huge ds (then precision is moot)."""
+    c = (ds.amax(-1, keepdim=True) - 60.0).clamp(min=0.0)
+    v = torch.expm1(ds - c)
+    m = (p0 * v).sum(-1, keepdim=True)
+    return p0 * (v - m) / (1.0 + m)
+
+
+
+
+def _onednn_linear_works(dtype):
+    """Whether oneDNN's fused linear (plain and with a fused add) runs in `dtype` on this CPU.
+    bfloat16 needs AVX512-BF16/AVX-512BW (or AVX-NE-CONVERT): AVX2-only CPUs refuse it."""
+    if os.environ.get("SEQLEARN_EP_NO_ONEDNN"):  # to test the fallback on any machine
+        return False
+    try:
+        x = torch.ones(2, 3, dtype=dtype)
+        ref = (x.float() @ x.float().t()).to(dtype)
+        return (torch.equal(torch.ops.mkldnn._linear_pointwise(x, x, None, "none", [], ""), ref)
+                and torch.equal(torch.ops.mkldnn._linear_pointwise.binary(x, ref, x, None, "add"), 2 * ref))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# dtypes in which `linear` uses oneDNN on the CPU; others (and autograd) take F.linear.
+ONEDNN_DTYPES = {dt for dt in (torch.float32, torch.bfloat16)
+                 if torch.backends.mkldnn.is_available() and _onednn_linear_works(dt)}
+ONEDNN_LINEAR = bool(ONEDNN_DTYPES)
+
+
+def bf16_notice(device):
+    """None when bfloat16 runs fast on `device`; else a one-line notice of the fallback. Raises
+    ValueError when PyTorch cannot compute the dynamics in bfloat16 there at all."""
+    device = torch.device(device)
+    try:
+        x = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
+        torch.softmax(F.linear(x, x) @ x, -1)
+    except RuntimeError as e:
+        raise ValueError(f"--bf16: PyTorch cannot compute in bfloat16 on {device} "
+                         f"({str(e).splitlines()[0][:100]}); drop --bf16") from None
+    if device.type == "cpu" and torch.bfloat16 not in ONEDNN_DTYPES:
+        return ("notice: this CPU lacks oneDNN's bfloat16 kernels (they need AVX512-BF16 or "
+                "AVX-512BW/VL/DQ); --bf16 falls back to PyTorch's generic bfloat16 matmul, "
+                "which is correct but slower than float32 here")
+    return None
+
+
+def _plain(t):  # a layout oneDNN takes: 2-D, row- or column-major
+    return t.dim() == 2 and (t.is_contiguous() or t.t().is_contiguous())
+
+
+def _onednn_linear(x, w, b=None, add=None):
+    if add is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
+
+
+if ONEDNN_LINEAR:  # an opaque op for torch.compile, which would otherwise pick MKL's GEMM
+    @torch.library.custom_op("seqlearn_ep::onednn_linear", mutates_args=())
+    def _onednn_linear_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                          add: Optional[torch.Tensor]) -> torch.Tensor:
+        return _onednn_linear(x, w, b, add)
+
+    @_onednn_linear_op.register_fake
+    def _(x, w, b, add):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+def linear(x, w, b=None, add=None):
+    """x·wᵀ + b (+ add, fused), the dynamics' hot path. On CPU without autograd, in the dtypes
+    where oneDNN's kernel runs here (`ONEDNN_DTYPES`: float32 on x86, bfloat16 only where the
+    CPU has the instructions), it takes that kernel, which uses AVX-512 where the CPU has it,
+    while MKL (behind torch.matmul, and the GEMM torch.compile picks) may stay on AVX2 (about
+    2x slower on AMD); elsewhere F.linear. Same dtype in, accumulation and out as F.linear."""
+    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES
+            and w.dtype == x.dtype and _plain(x) and _plain(w)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if torch.compiler.is_compiling():
+            return torch.ops.seqlearn_ep.onednn_linear(x, w, b, add)
+        return _onednn_linear(x, w, b, add)
+    out = F.linear(x, w, b)
+    return out if add is None else out + add
