@@ -174,7 +174,8 @@ def load_run(args, parser):
         if value is not None and value != getattr(args, flag):
             parser.error(f"--{flag} {value} conflicts with the run's model ({getattr(args, flag)})")
     return {"state": cli.restore_model(ckpt, path).state_dict(), "split": data.train,
-            "embeddings": data.embeddings, "order": torch.randperm(len(data.train))}
+            "embeddings": data.embeddings,
+            "order": torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))}
 
 
 def pick_device(spec):

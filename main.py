@@ -41,7 +41,7 @@ HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "b
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
          "warm_start", "weight_decay"]
 # --fast: the combination measured best (docs/speed.md, "Fewer steps"); explicit flags override it
-FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "warm_start": True}
+FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2}
 SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")
 
 
@@ -79,8 +79,8 @@ def build_parser():
       "falls below this (default off: always T and K steps)")
     a("--fast", action="store_true", default=None,
       help="EP: fewer steps to the same fixed points, the combination measured best: "
-           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 --warm-start (T and K become caps); "
-           "explicit flags override its parts")
+           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 (T and K become caps; add --compile for "
+           "fused steps); explicit flags override its parts")
     a("--anderson", type=int, metavar="M", help="Anderson mixing of the last M iterates in every "
       "phase (on the FC states, projections retrieved first); 0 = plain synchronous steps (default)")
     a("--tol-nudged", dest="tol_nudged", type=float,

@@ -178,17 +178,20 @@ def test_fast_is_recorded_survives_resume_and_is_refused_by_bptt(tiny_imdb, caps
     import main
     from test_main import base_args, weights
     tmp = tiny_imdb["tmp"]
-    common = base_args(tiny_imdb, "--fast", "--save")
+    common = base_args(tiny_imdb, "--fast", "--warm-start", "--save")
     assert main.main(common + ["--epochs", "2", "--results-dir", str(tmp / "full")]) == 0
     out = capsys.readouterr()
     assert "steps" in [l for l in (out.out + out.err).splitlines() if l.startswith("epoch 2/2")][0]
     hyper = json.loads((tmp / "full" / "config.json").read_text())["hyper"]
     assert (hyper["fast"], hyper["anderson"], hyper["tol"], hyper["tol_nudged"], hyper["warm_start"]) == \
         (True, 5, 1e-3, 1e-2, True)
+    assert main.main(base_args(tiny_imdb, "--fast", "--epochs", "1", "--save", "--results-dir",
+                               str(tmp / "plainfast"))) == 0
+    assert json.loads((tmp / "plainfast" / "config.json").read_text())["hyper"]["warm_start"] is False
     ckpt = torch.load(tmp / "full" / "checkpoint.pt", weights_only=True)
     assert ckpt["warm_starts"].dtype == torch.float16 and ckpt["warm_starts"].abs().sum() > 0
     assert "warm_starts" not in torch.load(tmp / "full" / "best_model.pt", weights_only=True)
-    # one epoch, then resumed without repeating --fast: the run's solver and warm starts continue
+    # one epoch, then resumed without repeating the flags: the run's solver and warm starts continue
     assert main.main(common + ["--epochs", "1", "--results-dir", str(tmp / "part")]) == 0
     assert main.main(["--load-path", str(tmp / "part"), "--epochs", "2", "--save", "--data-dir",
                       str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]) == 0
