@@ -37,7 +37,7 @@ from runs import (CHECKPOINT_FORMAT, UsageError, abandon_run_dir, command_line, 
                   set_rng_state)
 
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
-HYPER = ["alg", "T", "K", "betas", "thirdphase", "lrs", "lr_decay", "epochs", "batch_size",
+HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
          "warm_start", "weight_decay"]
 # --fast: the combination measured best (docs/speed.md, "Fewer steps"); explicit flags override it
@@ -67,6 +67,10 @@ def build_parser():
       help="β of the free and nudged phases (default IMDB 0 0.1, SNLI 0 0.5)")
     a("--thirdphase", action="store_true", default=None,
       help="three-phase EP: nudge with +β2 and −β2 (symmetric estimate)")
+    a("--estimator", choices=list(mu.ESTIMATORS),
+      help="EP estimate: one-sided (the +β2 state against the free state), one-sided-negative (the "
+           "free state against −β2), symmetric (+β2 against −β2, what --thirdphase selects); default "
+           "one-sided, or symmetric with --thirdphase")
     a("--lrs", type=float, nargs="+", help="one learning rate per synapse layer, projections first")
     a("--lr-decay", dest="lr_decay", action="store_true", default=None,
       help="cosine annealing of the learning rates (T_max 100 epochs, eta_min 1e-5)")
@@ -130,7 +134,7 @@ def resolve(args, saved=None):
     """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
     saved = saved or {}
     args.lrs_given = args.lrs is not None
-    args.given = {k for k in ("thirdphase", "betas", "tol", "bf16") + SOLVER_FLAGS
+    args.given = {k for k in ("thirdphase", "estimator", "betas", "tol", "bf16") + SOLVER_FLAGS
                   if getattr(args, k, None) is not None}
     arch = saved.get("model", {})
     if args.dataset is None:
@@ -168,6 +172,10 @@ def resolve(args, saved=None):
     for key in HYPER + ["fc_layers", "seqLen", "act"]:
         if getattr(args, key, None) is None:
             setattr(args, key, hyper.get(key, fallback.get(key)))
+    if args.estimator is None or "thirdphase" in args.given and "estimator" not in args.given:
+        explicit = "thirdphase" in args.given or not hyper.get("estimator")
+        args.estimator = mu.estimator_name(bool(args.thirdphase)) if explicit else hyper["estimator"]
+    args.thirdphase = args.estimator == "symmetric"  # the original's flag, as the GDU check reads it
     if args.K is None:
         args.K = max(1, args.T // 2)
     if args.lrs is None and args.fc_layers == d["fc_layers"]:
@@ -192,11 +200,13 @@ def validate(args):
         (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
         (args.alg == "BPTT" and args.K > args.T,
          f"--K ({args.K}) cannot exceed --T ({args.T}) for BPTT: K steps are the last of the T free steps"),
-        (args.alg == "EP" and args.betas[1] == args.betas[0],
+        (args.alg == "EP" and args.estimator != "one-sided-negative" and args.betas[1] == args.betas[0],
          f"--betas {args.betas[0]} {args.betas[1]}: EP needs the nudging β2 to differ from β1 "
          f"(its estimate divides by β2 − β1)"),
-        (args.thirdphase and args.alg == "EP" and args.betas[1] == 0,
+        (args.alg == "EP" and args.estimator == "symmetric" and args.betas[1] == 0,
          "--betas: three-phase EP needs β2 ≠ 0"),
+        (args.alg == "EP" and args.estimator == "one-sided-negative" and args.betas[0] + args.betas[1] == 0,
+         f"--betas {args.betas[0]} {args.betas[1]}: the one-sided-negative estimate divides by β1 + β2"),
         (args.lrs is not None and len(args.lrs) != n_proj + len(args.fc_layers),
          f"--lrs needs {n_proj + len(args.fc_layers)} learning rates for this architecture "
          f"({n_proj} projection + {len(args.fc_layers)} fully connected layers), got {len(args.lrs or [])}"),
@@ -231,7 +241,7 @@ def unused_flags(args):
     if args.execute != "train":
         return []
     if args.alg == "BPTT":
-        return [f"--{f}" for f in ("thirdphase", "betas") if f in getattr(args, "given", set())]
+        return [f"--{f}" for f in ("thirdphase", "estimator", "betas") if f in getattr(args, "given", set())]
     return ["--bptt-checkpoint"] if args.bptt_checkpoint > 0 else []
 
 
@@ -426,7 +436,7 @@ def training_hyper(args, data, ckpt):
     if warm is not None and ckpt and ckpt.get("warm_starts") is not None:
         warm.load(ckpt["warm_starts"])
     return {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
-            "thirdphase": args.thirdphase, "batch_size": args.batch_size, "tol": args.tol,
+            "estimator": args.estimator, "batch_size": args.batch_size, "tol": args.tol,
             "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm,
             "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
             "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
@@ -436,7 +446,7 @@ def describe_training(args, model, data):
     dist = args.dist
     return (f"{args.dataset}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
             f"D={data.embed_dim}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{args.alg}{' 3-phase' if args.thirdphase and args.alg == 'EP' else ''}, "
+            f"{args.alg}{f' {args.estimator}' + (' (3-phase)' if args.thirdphase else '') if args.alg == 'EP' else ''}, "
             f"T={args.T} K={args.K} betas={args.betas}, device {args.device_obj}"
             + (f", {dist.world} processes ({dist.backend}), {args.batch_size / dist.world:g} samples "
                f"per process per batch" if dist else ""))

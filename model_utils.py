@@ -410,29 +410,26 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
 
 
 def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
-                      anderson=0, thirdphase=True):
-    """The +β (and, with thirdphase, −β) nudged phases run together as one batch of 2B, so
-    both take the same number of steps (a symmetric estimate) and share each matmul. The
-    stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the EP estimate is
-    δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a phase long
-    before δ has converged. anderson: window of Anderson mixing (0: plain steps).
-    Returns (δ₊, δ₋ (zeros without thirdphase), steps per phase)."""
+                      anderson=0, signs=(1, -1)):
+    """The nudged phases with β = sign·beta for each sign, run together as one batch (2B for
+    ±β), so they take the same number of steps (a symmetric estimate stays symmetric) and share
+    each matmul. The stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the
+    EP estimate is δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a
+    phase long before δ has converged. anderson: window of Anderson mixing (0: plain steps).
+    Returns ([δ per sign], steps per phase)."""
     tol = _tol_floor(tol, s0[0].dtype)
     step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
-    out, B = s0[-1], s0[-1].shape[0]
-    signs = [1.0, -1.0] if thirdphase else [1.0]
+    out, B, n_ph = s0[-1], s0[-1].shape[0], len(signs)
     nudge = torch.cat([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs])
     beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
                            for sg in signs])
     g0, p0, r = setup
-    if thirdphase:
-        g0, p0, r = [torch.cat([t, t]) for t in g0], torch.cat([p0, p0]), [torch.cat([t, t]) for t in r]
-        keys = torch.cat([keys, keys])
+    if n_ph > 1:
+        g0, p0, r = [torch.cat([t] * n_ph) for t in g0], torch.cat([p0] * n_ph), [torch.cat([t] * n_ph) for t in r]
+        keys = torch.cat([keys] * n_ph)
     d, n = fixed_point.anderson(lambda d: step(d, (g0, p0, r), keys, beta_rows, nudge),
                                 [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
-    if not thirdphase:
-        return d, [torch.zeros_like(t) for t in d], n
-    return [t[:B] for t in d], [t[B:] for t in d], n
+    return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
 
 
 def _tol_floor(tol, dtype):
@@ -464,11 +461,40 @@ def check_finite(s, phase):
             raise DivergenceError(f"non-finite values in {name} after the {phase} phase")
 
 
-def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype=None,
+# EP estimators (docs/method.md §2): the Hebbian terms of two states are differenced and divided by
+# the gap between their β. Each state is named by the sign of the nudge β2 it was reached with
+# (0: the free state, at β1).
+ESTIMATORS = {
+    "one-sided": (1, 0),            # (∂Φ/∂θ(s^{+β2}) − ∂Φ/∂θ(s^{β1})) / (β2 − β1)
+    "one-sided-negative": (0, -1),  # (∂Φ/∂θ(s^{β1}) − ∂Φ/∂θ(s^{−β2})) / (β1 + β2)
+    "symmetric": (1, -1),           # (∂Φ/∂θ(s^{+β2}) − ∂Φ/∂θ(s^{−β2})) / 2β2, unbiased to first order
+}
+
+
+def estimator_name(estimator):
+    """An ESTIMATORS name, from a name or from the original tool's thirdphase boolean
+    (True: symmetric, False: one-sided)."""
+    if isinstance(estimator, bool):
+        return "symmetric" if estimator else "one-sided"
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown EP estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+    return estimator
+
+
+def estimator_gap(estimator, betas):
+    """The β gap an estimator divides by (0 means the estimate is undefined)."""
+    beta1, beta2 = betas
+    a, b = ESTIMATORS[estimator_name(estimator)]
+    return (beta1 if a == 0 else a * beta2) - (beta1 if b == 0 else b * beta2)
+
+
+def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free_dtype=None,
                  reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
     of the loss gradient (docs/method.md §2). Returns (free-phase output [B, C], info dict with the
     steps used, the seconds spent in each phase and the free state's FC layers "free_fc").
+    estimator: an ESTIMATORS name, or True/False as the original's --thirdphase (symmetric /
+    one-sided); its nonzero signs are the nudged phases that run.
     free_dtype: run the free phase in this dtype on copies of the weights (torch.bfloat16:
     CPUs with avx512_bf16, CUDA); the nudged phases and the Hebbian estimate stay in the
     model's dtype (bf16 states would drown the small nudges of the lower layers).
@@ -477,9 +503,11 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype
     phases, Hebbian estimate) always runs in full float32.
     Fewer steps to the same fixed points (docs/speed.md): anderson=m mixes the last m
     iterates of every phase (at most T and K applications of the step); tol_nudged runs the
-    ±β phases as one batch, stopped together when δ changes by less than tol_nudged relative
+    nudged phases as one batch, stopped together when δ changes by less than tol_nudged relative
     to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`)."""
     beta1, beta2 = betas
+    est = estimator_name(estimator)
+    pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
     clock, ref = Clock(x.device), x if reference else None
     with torch.no_grad(), cuda_tf32(free_tf32):
         drive, keys = model.precompute(x)
@@ -499,30 +527,33 @@ def ep_gradients(model, x, y, T, K, betas, thirdphase=True, tol=None, free_dtype
             drive, keys = model.precompute(x)
         check_finite(s0, "free")
         free_s = clock()
+        states, n_nudged = {0: s0}, 0
         if reference:  # the original: plain steps on the states, Hebbian from their difference
-            s_pos, n_pos = relax(model, s0, drive, keys, K, beta2, y, tol, x=ref)
-            s_neg, n_neg = relax(model, s0, drive, keys, K, -beta2, y, tol, x=ref) if thirdphase \
-                else (s0, 0)
+            for sg in signs:
+                states[sg], n = relax(model, s0, drive, keys, K, sg * beta2, y, tol, x=ref)
+                n_nudged += n
             diff = None
         else:
             setup = model.nudged_setup(s0, drive, keys, beta1, y)
+            deltas = {0: [torch.zeros_like(t) for t in s0]}
             if anderson or tol_nudged is not None:
-                d_pos, d_neg, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y,
-                                                    tol_nudged, anderson, thirdphase)
-                n_pos, n_neg = n, n if thirdphase else 0
+                ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs)
+                deltas.update(zip(signs, ds))
+                n_nudged = n * len(signs)
             else:
-                d_pos, n_pos = relax_nudged(model, s0, setup, keys, K, beta2, beta1, y, tol)
-                d_neg, n_neg = relax_nudged(model, s0, setup, keys, K, -beta2, beta1, y, tol) \
-                    if thirdphase else ([torch.zeros_like(t) for t in s0], 0)
-            s_pos, s_neg = [a + b for a, b in zip(s0, d_pos)], [a + b for a, b in zip(s0, d_neg)]
-            diff = [a - b for a, b in zip(d_pos, d_neg)]
-        check_finite(s_pos, "nudged (+beta)")
-        check_finite(s_neg, "nudged (-beta)")
+                for sg in signs:
+                    deltas[sg], n = relax_nudged(model, s0, setup, keys, K, sg * beta2, beta1, y, tol)
+                    n_nudged += n
+            for sg in signs:
+                states[sg] = [a + b for a, b in zip(s0, deltas[sg])]
+            diff = [a - b for a, b in zip(deltas[pair[0]], deltas[pair[1]])]
+        for sg in signs:
+            check_finite(states[sg], f"nudged ({'+' if sg > 0 else '-'}beta)")
         nudged_s = clock()
-        scale = 2 * beta2 if thirdphase else beta2 - beta1
-        for prm, h in zip(model.params(), model.hebbian(x, s_pos, s_neg, diff)):
+        scale = estimator_gap(est, betas)
+        for prm, h in zip(model.params(), model.hebbian(x, states[pair[0]], states[pair[1]], diff)):
             prm.grad = h.div_(-scale)
-    return s0[-1], {"free_steps": n_free, "nudged_steps": n_pos + n_neg, "flat": flat_units(model, s0),
+    return s0[-1], {"free_steps": n_free, "nudged_steps": n_nudged, "flat": flat_units(model, s0),
                     "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": s0[1:]}
 
 
@@ -648,7 +679,8 @@ def batches(n, batch_size, generator=None):
 
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", dist=None):
-    """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, thirdphase,
+    """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator (or the
+    original's thirdphase boolean),
     batch_size, tol and optionally free_dtype, free_tf32, anderson, tol_nudged (see ep_gradients),
     warm (a fixed_point.WarmStarts over the split: read before and written after each free
     phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
@@ -670,7 +702,8 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
             if hp["alg"] == "EP":
                 warm = hp.get("warm")
                 out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                         hp["thirdphase"], hp.get("tol"), hp.get("free_dtype"),
+                                         hp.get("estimator", hp.get("thirdphase")), hp.get("tol"),
+                                         hp.get("free_dtype"),
                                          free_tf32=hp.get("free_tf32", False),
                                          anderson=hp.get("anderson") or 0, tol_nudged=hp.get("tol_nudged"),
                                          warm=None if warm is None else warm.get(idx, dtype))

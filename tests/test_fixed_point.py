@@ -117,14 +117,12 @@ def test_joint_nudged_phases_reach_the_plain_nudged_fixed_points(dataset, thirdp
         want_pos, _ = mu.relax_nudged(model, s0, setup, keys, 400, 0.05, 0.0, y)
         want_neg, _ = mu.relax_nudged(model, s0, setup, keys, 400, -0.05, 0.0, y)
         for m in (0, 5):
-            d_pos, d_neg, n = mu.relax_nudged_pair(model, s0, setup, keys, 400, 0.05, 0.0, y, 1e-11,
-                                                   m, thirdphase)
-            assert n < 400
-            assert max_diff(d_pos, want_pos) < 1e-12
+            signs = (1, -1) if thirdphase else (1,)
+            ds, n = mu.relax_nudged_pair(model, s0, setup, keys, 400, 0.05, 0.0, y, 1e-11, m, signs)
+            assert n < 400 and len(ds) == len(signs)
+            assert max_diff(ds[0], want_pos) < 1e-12
             if thirdphase:
-                assert max_diff(d_neg, want_neg) < 1e-12
-            else:
-                assert all((t == 0).all() for t in d_neg)
+                assert max_diff(ds[1], want_neg) < 1e-12
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -244,3 +242,48 @@ def test_fast_solver_under_torchrun_equals_one_process_float64(tiny_imdb):
                        str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])], tmp)
     assert second.returncode == 0, second.stderr[-3000:]
     assert weight_diff(tmp / "one" / "final_model.pt", tmp / "two" / "final_model.pt") < 1e-6
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_estimator_family_matches_autograd_differences_and_the_original_flag(dataset):
+    """Each estimator is the difference of ∂Φ/∂θ at its two states over their β gap (β1 ≠ 0 here,
+    so every gap differs); True/False are the original's --thirdphase."""
+    model, x, y = converged_problem(dataset)
+    betas, (T, K) = (0.02, 0.05), (200, 150)
+    drive, keys = model.precompute(x)
+    with torch.no_grad():
+        s0, _ = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, T, betas[0], y)
+        states = {0: s0, 1: mu.relax(model, s0, drive, keys, K, betas[1], y)[0],
+                  -1: mu.relax(model, s0, drive, keys, K, -betas[1], y)[0]}
+    grads = {}
+    for name, (a, b) in mu.ESTIMATORS.items():
+        gap = (betas[0] if a == 0 else a * betas[1]) - (betas[0] if b == 0 else b * betas[1])
+        assert mu.estimator_gap(name, betas) == pytest.approx(gap)
+        ga = torch.autograd.grad(model.phi(x, states[a]).mean(), model.params())
+        gb = torch.autograd.grad(model.phi(x, states[b]).mean(), model.params())
+        for m in (5, 0):  # Anderson with the sweep steps, then plain steps (kept for the flag check)
+            mu.ep_gradients(model, x, y, T, K, betas, name, anderson=m)
+            for p, u, v in zip(model.params(), ga, gb):
+                torch.testing.assert_close(p.grad, -(u - v) / gap, rtol=1e-7, atol=1e-10)
+        grads[name] = [p.grad.clone() for p in model.params()]
+    for flag, name in ((True, "symmetric"), (False, "one-sided")):
+        mu.ep_gradients(model, x, y, T, K, betas, flag)
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.params(), grads[name]))
+    with pytest.raises(ValueError, match="unknown EP estimator"):
+        mu.ep_gradients(model, x, y, T, K, betas, "two-sided")
+
+
+def test_estimator_flag_through_main(tiny_imdb, capsys):
+    import main
+    from test_main import base_args
+    tmp = tiny_imdb["tmp"]
+    args = [a for a in base_args(tiny_imdb, "--epochs", "1", "--save") if a != "--thirdphase"]
+    assert main.main(args + ["--estimator", "one-sided-negative", "--results-dir", str(tmp / "neg")]) == 0
+    hyper = json.loads((tmp / "neg" / "config.json").read_text())["hyper"]
+    assert (hyper["estimator"], hyper["thirdphase"]) == ("one-sided-negative", False)
+    assert "EP one-sided-negative" in capsys.readouterr().out
+    assert main.main(args + ["--thirdphase", "--results-dir", str(tmp / "sym")]) == 0
+    assert json.loads((tmp / "sym" / "config.json").read_text())["hyper"]["estimator"] == "symmetric"
+    bad = [a if a != "0.5" else "0" for a in args]  # --betas 0 0 (β1 + β2 = 0)
+    assert main.main(bad + ["--estimator", "one-sided-negative"]) == 2
+    assert "divides by β1 + β2" in capsys.readouterr().err

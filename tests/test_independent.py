@@ -129,7 +129,7 @@ def test_two_phase_ep_with_nonzero_beta1():
     model = mu.EPNet("IMDB", 3, 4, [6, 2], "my_sigmoid").double()
     x, y = torch.randn(3, 3, 4, dtype=torch.float64), torch.tensor([0, 1, 1])
     T, K, b1, b2 = 25, 10, 0.05, 0.3
-    mu.ep_gradients(model, x, y, T, K, (b1, b2), thirdphase=False)
+    mu.ep_gradients(model, x, y, T, K, (b1, b2), estimator="one-sided")
     got = [p.grad.clone() for p in model.params()]
     drive, keys = model.precompute(x)
     s = model.init_states(3, dtype=torch.float64)

@@ -111,7 +111,7 @@ def test_three_phase_ep_matches_bptt_and_beats_two_phase(dataset, device):
     ref = bptt_reference_gradient(model, x, y, T=150)
     errs = {}
     for third in (False, True):
-        mu.ep_gradients(model, x, y, T=150, K=100, betas=(0.0, 0.05), thirdphase=third)
+        mu.ep_gradients(model, x, y, T=150, K=100, betas=(0.0, 0.05), estimator=third)
         errs[third] = [rel_err(p.grad, r) for p, r in zip(model.params(), ref)]
     assert max(errs[True]) < 0.02, errs[True]
     assert sum(errs[True]) < sum(errs[False])
