@@ -39,7 +39,7 @@ def toy():
     spec = registry.register(registry.Dataset(
         name="TOYCOUNT", classes=("more down", "more up"), fields=("sequence",), projections=((0, 0),),
         seq_len=14, find_source=toy_reader(),
-        paper={"fc_layers": [16, 2], "seqLen": 14, "lrs": [0.02, 0.02, 0.02], "T": 20, "K": 8,
+        paper={"fc_layers": [16, 2], "seqLen": 14, "lrs": [0.01, 0.01, 0.01], "T": 20, "K": 8,
                "betas": [0.0, 0.5], "batch_size": 16}))
     yield spec
     del registry.REGISTRY[spec.name]
@@ -50,10 +50,10 @@ def test_a_registered_synthetic_task_trains_tests_and_predicts_through_main(toy,
     data = ["--data-dir", str(tmp_path), "--embeddings", str(vectors), "--cache-dir", str(tmp_path / "cache")]
     run = tmp_path / "run"
     # every other hyperparameter comes from the entry's paper configuration
-    assert main.main(["--dataset", "TOYCOUNT", "--thirdphase", "--epochs", "8", "--seed", "0",
+    assert main.main(["--dataset", "TOYCOUNT", "--thirdphase", "--epochs", "8", "--seed", "0", "--val-split", "0.2",
                       "--save", "--results-dir", str(run), *data]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test_accuracy"] > 0.8, metrics["test_accuracy"]   # chance: 0.5
+    assert metrics["test_accuracy"] > 0.9, metrics["test_accuracy"]   # chance: 0.5; seeds 0-2 gave 0.98-1.0
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["dataset"] == "TOYCOUNT" and config["hyper"]["T"] == 20
     capsys.readouterr()
