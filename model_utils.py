@@ -144,10 +144,7 @@ class EPNet(nn.Module):
         """A starting point from the fully connected states alone (a warm start,
         `fixed_point.WarmStarts`): the projection states are what the step makes of s[1],
         softmax(γ·(drive + W₁ᵀ s[1])·keysᵀ)·keys, the value they take at any fixed point."""
-        _, W, _ = self._split(p)
-        g = linear(fc[0], W[0].t(), add=drive.flatten(1)).view_as(drive)
-        attn = torch.softmax(self.gamma * (g @ keys.transpose(-1, -2)), dim=-1)
-        return [attn @ keys] + list(fc)
+        return [self.retrieve(self._grad_projection(fc[0], drive, p), keys)] + list(fc)
 
     # -- Φ and its gradients ----------------------------------------------------------
     def phi(self, x, s, beta=0.0, y=None, p=None):
@@ -173,19 +170,27 @@ class EPNet(nn.Module):
     def _grad_fc(self, s, beta=0.0, y=None, p=None):
         """∂Φ/∂s_k of the FC layers k ≥ 1, from the layers below and above (and the nudge)."""
         _, W, b = self._split(p)
-        g = []
-        for k in range(1, len(s)):
-            gk = linear(s[k - 1].flatten(1), W[k - 1], b[k - 1])
-            if k < len(s) - 1:
-                gk = linear(s[k + 1], W[k].t(), add=gk)
-            elif beta != 0.0:
-                gk = gk + beta * (one_hot(y, s[k]) - s[k])
-            g.append(gk)
-        return g
+        nudge = (lambda g: g + beta * (one_hot(y, s[-1]) - s[-1])) if beta != 0.0 else None
+        return [self._fc_input(k, s, s, W, b, nudge) for k in range(1, len(s))]
+
+    @staticmethod
+    def _fc_input(k, below, above, W, b=None, nudge=None):
+        """The input of FC layer k: W_k·below[k−1] (+ b_k), plus the feedback W_{k+1}ᵀ·above[k+1]
+        below the output; at the output, `nudge` (a function of that input adding the nudge
+        term) if given. The steps pass the old or the newly updated states as below/above,
+        which sets their update order."""
+        gk = linear(below[k - 1].flatten(1), W[k - 1], None if b is None else b[k - 1])
+        if k < len(W):
+            return linear(above[k + 1], W[k].t(), add=gk)
+        return gk if nudge is None else nudge(gk)
+
+    def attention(self, g0, keys):
+        """The Hopfield attention of the projection states: softmax(γ·g0·keysᵀ)."""
+        return torch.softmax(self.gamma * (g0 @ keys.transpose(-1, -2)), dim=-1)
 
     def retrieve(self, g0, keys):
-        """The Hopfield retrieval of the projection states: softmax(γ·g0·keysᵀ)·keys."""
-        return torch.softmax(self.gamma * (g0 @ keys.transpose(-1, -2)), dim=-1) @ keys
+        """The Hopfield retrieval of the projection states: attention(g0)·keys."""
+        return self.attention(g0, keys) @ keys
 
     def update(self, g, keys):
         """New states from the gradients: Hopfield retrieval for s[0], σ for the rest."""
@@ -203,14 +208,10 @@ class EPNet(nn.Module):
         read, so the map acts on the FC states alone (a few hundred numbers per sample, what
         `fixed_point.anderson` with mix_from=1 mixes)."""
         _, W, b = self._split(p)
+        nudge = (lambda g: g + beta * (one_hot(y, s[-1]) - s[-1])) if beta != 0.0 else None
         new = [self.retrieve(self._grad_projection(s[1], drive, p), keys)] + list(s[1:])
         for k in range(1, len(s)):
-            gk = linear(new[k - 1].flatten(1), W[k - 1], b[k - 1])
-            if k < len(s) - 1:
-                gk = linear(s[k + 1], W[k].t(), add=gk)
-            elif beta != 0.0:
-                gk = gk + beta * (one_hot(y, s[k]) - s[k])
-            new[k] = self.act(gk)
+            new[k] = self.act(self._fc_input(k, new, s, W, b, nudge))
         return new
 
     # -- the nudged phases, relative to the free fixed point s0 -----------------------
@@ -218,7 +219,7 @@ class EPNet(nn.Module):
         """What every nudged step from s0 reuses: the pre-activations G0 = ∂Φ/∂s(s0; β0), the
         attention p0 at s0, and the free phase's residual r = F(s0) − s0 (0 at a fixed point)."""
         g0 = self.grad_states(s0, drive, beta0, y, p)
-        p0 = torch.softmax(self.gamma * (g0[0] @ keys.transpose(-1, -2)), dim=-1)
+        p0 = self.attention(g0[0], keys)
         r = [p0 @ keys - s0[0]] + [self.act(g) - s for g, s in zip(g0[1:], s0[1:])]
         return g0, p0, r
 
@@ -238,15 +239,10 @@ class EPNet(nn.Module):
         then the FC layers top-down from the output, each from the new layer above and the old
         one below (layer 1 from the new projections). Reads δ[1:] only."""
         (g0, _, r), (_, W, _) = setup, self._split(p)
+        output = lambda g: g + nudge - beta * d[-1]  # noqa: E731
         new = [self._delta_projection(d[1], setup, keys, p)] + list(d[1:])
-        n = len(d) - 1
-        for k in range(n, 0, -1):
-            gk = linear(new[k - 1].flatten(1), W[k - 1])
-            if k < n:
-                gk = linear(new[k + 1], W[k].t(), add=gk)
-            else:
-                gk = gk + nudge - beta * d[k]
-            new[k] = r[k] + self.act_delta(g0[k], gk)
+        for k in range(len(d) - 1, 0, -1):
+            new[k] = r[k] + self.act_delta(g0[k], self._fc_input(k, new, new, W, nudge=output))
         return new
 
     def _delta_projection(self, d1, setup, keys, p=None):
@@ -256,15 +252,8 @@ class EPNet(nn.Module):
 
     def _delta_fc(self, d, setup, beta, nudge, p=None):
         (g0, _, r), (_, W, _) = setup, self._split(p)
-        out = []
-        for k in range(1, len(d)):
-            gk = linear(d[k - 1].flatten(1), W[k - 1])
-            if k < len(d) - 1:
-                gk = linear(d[k + 1], W[k].t(), add=gk)
-            else:
-                gk = gk + nudge - beta * d[k]
-            out.append(r[k] + self.act_delta(g0[k], gk))
-        return out
+        output = lambda g: g + nudge - beta * d[-1]  # noqa: E731
+        return [r[k] + self.act_delta(g0[k], self._fc_input(k, d, d, W, nudge=output)) for k in range(1, len(d))]
 
     STEP_METHODS = ("step", "delta_step", "step_fc", "delta_step_fc")
 
