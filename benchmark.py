@@ -46,7 +46,11 @@ import sys
 
 import torch
 
+import devices
+import flags
+import loops
 import model_utils as mu
+import ops
 import registry
 
 
@@ -83,29 +87,31 @@ def parse_args(argv=None):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--dataset", choices=registry.names(), default="IMDB", help="architecture and input shape")
-    a("--seqLen", type=positive(int), help="tokens per sequence (IMDB 100, SNLI 25)")
+    a("--seqLen", type=int, help="tokens per sequence (IMDB 100, SNLI 25)")
     a("--embed-dim", type=positive(int), default=300, help="word-vector size D")
-    a("--fc_layers", type=positive(int), nargs="+", help="FC sizes, the last = classes")
-    a("--T", type=positive(int), help="free-phase steps")
-    a("--K", type=positive(int), help="nudged-phase steps")
+    a("--fc_layers", type=int, nargs="+", help="FC sizes, the last = classes")
+    a("--T", type=int, help="free-phase steps")
+    a("--K", type=int, help="nudged-phase steps")
     a("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="free and nudged beta (IMDB 0 0.1, SNLI 0 0.5)")
     a("--thirdphase", action="store_true", help="3-phase EP (+beta and -beta)")
+    a("--estimator", choices=list(mu.ESTIMATORS),
+      help="EP estimate (main.py --estimator); default one-sided, or symmetric with --thirdphase")
     a("--alg", choices=["EP", "BPTT"], default="EP", help="learning algorithm to time")
-    a("--batch_size", type=positive(int), help="samples per batch (IMDB 100, SNLI 200)")
-    a("--act", choices=sorted(mu.ACTIVATIONS), default="my_hard_sig", help="activation sigma")
+    a("--batch_size", type=int, help="samples per batch (IMDB 100, SNLI 200)")
+    a("--act", choices=sorted(ops.ACTIVATIONS), default="my_hard_sig", help="activation sigma")
     a("--device", default="cpu", help="N for cuda:N (CPU when CUDA is absent), or cpu")
     a("--batches", type=positive(int), default=3, help="timed batches after one warm-up")
     a("--reference", action="store_true", help="time the autograd-per-step reference dynamics")
     a("--compare", action="store_true", help="time fast path and reference, alternating")
-    a("--dtype", choices=sorted(mu.DTYPES), default="float32", help="model dtype")
+    a("--dtype", choices=sorted(devices.DTYPES), default="float32", help="model dtype")
     a("--tf32", choices=["off", "free", "all"], default="off",
       help="CUDA TF32 matmuls: off, in the free phase only (main.py's default), or everywhere")
     a("--bf16", action="store_true",
       help="bfloat16 free phase (nudged phases and Hebbian in float32); reports gradient fidelity")
-    a("--tol", type=positive(float), help="early stopping tolerance of each phase")
+    a("--tol", type=float, help="early stopping tolerance of each phase")
     a("--anderson", type=int, default=0, metavar="M",
       help="Anderson mixing of the last M iterates (main.py --anderson; 0 = plain steps)")
-    a("--tol-nudged", type=positive(float),
+    a("--tol-nudged", type=float,
       help="joint ±beta nudged phases stopped on delta's own relative change (main.py --tol-nudged)")
     a("--fast", action="store_true",
       help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 unless given "
@@ -125,32 +131,20 @@ def parse_args(argv=None):
     for key, value in defaults(args.dataset).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.fc_layers[-1] != registry.get(args.dataset).n_classes:
-        p.error(f"--fc_layers must end with {registry.get(args.dataset).n_classes} classes for {args.dataset}, "
-                f"got {args.fc_layers[-1]}")
-    if args.alg == "BPTT" and args.K > args.T:
-        p.error(f"BPTT needs K <= T, got K={args.K} > T={args.T}")
-    if args.alg == "EP" and args.betas[1] == (-args.betas[1] if args.thirdphase else args.betas[0]):
-        p.error("--betas: the nudged beta must differ from the free one (and be non-zero with --thirdphase)")
     if (args.reference or args.compare) and args.alg == "BPTT":
         p.error("--reference/--compare time the original EP dynamics: drop --alg BPTT")
     if args.fast:
-        import main as cli
-        for key in ("anderson", "tol", "tol_nudged"):
+        for key, value in flags.FAST.items():
             if not getattr(args, key):
-                setattr(args, key, cli.FAST[key])
-    if args.anderson < 0:
-        p.error(f"--anderson must be >= 0, got {args.anderson}")
+                setattr(args, key, value)
     solver = args.tol or args.anderson or args.tol_nudged
     if args.reference and (args.bf16 or solver or args.compile):
         p.error("--reference times the original dynamics (float, fixed T and K, autograd per step): "
                 "drop --bf16, --tol, --fast and --compile, or use --compare to set them against it")
-    if args.alg == "BPTT" and solver:
-        p.error("--tol, --anderson, --tol-nudged and --fast apply to EP")
-    if args.bptt_checkpoint < 0:
-        p.error(f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}")
-    if args.bf16 and (args.alg == "BPTT" or args.dtype != "float32"):
-        p.error("--bf16 applies to EP with a float32 model")
+    args.estimator = args.estimator or mu.estimator_name(args.thirdphase)
+    bad = flags.problems(args)  # the rules main.py applies to the same flags
+    if bad:
+        p.error(bad[0])
     return args
 
 
@@ -183,7 +177,7 @@ def pick_device(spec):
     if spec == "cpu":
         return torch.device("cpu")
     try:
-        return mu.pick_device(int(spec.split(":")[-1]), lambda msg: print(msg, file=sys.stderr))
+        return devices.pick_device(int(spec.split(":")[-1]), lambda msg: print(msg, file=sys.stderr))
     except ValueError as e:
         msg = str(e) if "CUDA device" in str(e) else f"--device: expected N, cuda:N or cpu, got {spec!r}"
         print(f"benchmark.py: error: {msg}", file=sys.stderr)
@@ -192,22 +186,19 @@ def pick_device(spec):
 
 # ----------------------------------------------------------------------------- work counts
 def fc_shapes(model):
-    sizes = [model.P * model.L * model.D] + model.fc_layers
-    return list(zip(sizes[:-1], sizes[1:]))
+    """(inputs, outputs) of each dense term of Φ."""
+    return [(t.n_in, t.n_out) for t in model.terms if isinstance(t, mu.Dense)]
 
 
 def step_flops(model, B):
-    """Useful matmul FLOPs of one synchronous step: every FC forward, the feedback of all but
-    the output layer, and the Hopfield retrieval (logits and weighted sum)."""
-    fc = fc_shapes(model)
-    forward = sum(2 * B * i * o for i, o in fc)
-    feedback = sum(2 * B * i * o for i, o in fc[:-1])
-    attention = 2 * (2 * B * model.P * model.L * model.L * model.D)
-    return forward + feedback + attention
+    """Useful matmul FLOPs of one synchronous step, summed over Φ's terms and the units
+    (`EPNet.flops`): every dense layer forward and its feedback, and the Hopfield retrieval
+    (logits and weighted sum)."""
+    return model.flops(B)[0]
 
 
 def hebbian_flops(model, B):
-    return 2 * B * model.P * model.L * model.D ** 2 + sum(2 * B * i * o for i, o in fc_shapes(model))
+    return model.flops(B)[1]
 
 
 def batch_flops(model, args, info):
@@ -238,7 +229,7 @@ def random_batch(model, args, device, dtype, gen):
         d = args.data
         args.cursor = getattr(args, "cursor", -B) + B
         idx = d["order"][torch.arange(args.cursor, args.cursor + B) % len(d["order"])]
-        x = mu.embed(d["embeddings"], d["split"].ids[idx], dtype)
+        x = loops.embed(d["embeddings"], d["split"].ids[idx], dtype)
         return x.to(device), d["split"].labels[idx].to(device)
     shape = (B, L, D) if model.n_inputs == 1 else (B, model.n_inputs, L, D)
     x = 0.15 * torch.randn(shape, generator=gen, dtype=dtype)  # word2vec-like scale
@@ -248,12 +239,12 @@ def random_batch(model, args, device, dtype, gen):
 
 def train_step(model, opt, x, y, args, reference):
     """One training step as train_epoch does it; returns the per-phase seconds and steps."""
-    clock = mu.Clock(x.device)
+    clock = devices.Clock(x.device)
     if reference:  # the original: fixed T and K, model dtype, autograd of Φ at every step
-        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
+        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
                                   reference=True)
     elif args.alg == "EP":
-        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase,
+        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
                                   args.tol, torch.bfloat16 if args.bf16 else None,
                                   free_tf32=args.tf32 == "free", anderson=args.anderson,
                                   tol_nudged=args.tol_nudged)
@@ -267,17 +258,16 @@ def train_step(model, opt, x, y, args, reference):
 
 def roofline_ops(model, B, device, dtype, kernel):
     """Matmuls of one step's shapes: torch.matmul, or (kernel) the fast path's `linear`."""
-    mm = mu.linear if kernel else (lambda a, w: torch.matmul(a, w.t()))
+    mm = ops.linear if kernel else (lambda a, w: torch.matmul(a, w.t()))
     rand = lambda *shape: torch.rand(*shape, device=device, dtype=dtype)  # noqa: E731
-    ops, shapes = [], fc_shapes(model)
-    for k, ((n_in, n_out), layer) in enumerate(zip(shapes, model.fc)):
+    work, shapes = [], fc_shapes(model)
+    for (n_in, n_out), layer in zip(shapes, model.fc):
         w, s_in, s_out = layer.weight.detach().to(dtype), rand(B, n_in), rand(B, n_out)
-        ops.append(lambda s_in=s_in, w=w: mm(s_in, w))  # forward
-        if k < len(shapes) - 1:  # feedback, for all but the output layer
-            ops.append(lambda s_out=s_out, w=w: mm(s_out, w.t()))
+        work.append(lambda s_in=s_in, w=w: mm(s_in, w))  # forward
+        work.append(lambda s_out=s_out, w=w: mm(s_out, w.t()))  # feedback
     q, a = rand(B, model.P, model.L, model.D), rand(B, model.P, model.L, model.L)
-    ops += [lambda: torch.matmul(q, q.transpose(-1, -2)), lambda: torch.matmul(a, q)]
-    return ops
+    work += [lambda: torch.matmul(q, q.transpose(-1, -2)), lambda: torch.matmul(a, q)]
+    return work
 
 
 class Roofline:
@@ -294,12 +284,12 @@ class Roofline:
 
     def sweep(self):
         with torch.no_grad():
-            for kind, ops in self.ops.items():
-                for op in ops:  # warm-up
+            for kind, work in self.ops.items():
+                for op in work:  # warm-up
                     op()
-                clock = mu.Clock(self.device)
+                clock = devices.Clock(self.device)
                 for _ in range(self.steps):
-                    for op in ops:
+                    for op in work:
                         op()
                 self.best[kind] = min(self.best[kind], clock())
 
@@ -324,7 +314,7 @@ def bf16_fidelity(model, args, device, dtype, gen):
     x, y = random_batch(model, args, device, dtype, gen)
     grads = []
     for free_dtype in (None, torch.bfloat16):
-        mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.thirdphase, args.tol, free_dtype,
+        mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator, args.tol, free_dtype,
                         anderson=args.anderson, tol_nudged=args.tol_nudged)
         grads.append([p.grad.clone() for p in model.params()])
     return {name: ((a - b).norm() / b.norm()).item()
@@ -337,10 +327,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    dtype = mu.DTYPES[args.dtype]
+    dtype = devices.DTYPES[args.dtype]
     if args.bf16:
         try:
-            notice = mu.bf16_notice(device)
+            notice = ops.bf16_notice(device)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -353,8 +343,8 @@ def main(argv=None):
     model = model.to(device, dtype)
     if args.compile:
         model.compile_step()
-    mu.set_cuda_tf32(args.tf32 == "all")
-    opt = mu.make_optimizer(model, [1e-5] * model.n_synapse_layers)
+    devices.set_cuda_tf32(args.tf32 == "all")
+    opt = loops.make_optimizer(model, [1e-5] * model.n_synapse_layers)
     gen = torch.Generator().manual_seed(args.seed)
     modes = [False, True] if args.compare else [args.reference]
     roof = Roofline(model, args, device, dtype) if args.roofline else None

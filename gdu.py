@@ -26,10 +26,25 @@ import os
 
 import torch
 
+import devices
+import fixed_point
 import model_utils as mu
 from data_io import save_json
 
 SIGN_LABEL = "−∂ℓ/∂θ  (EP: Σ ΔΦ_θ/β as is, BPTT: −Σ ∂ℓ/∂θ_t)"
+
+# The EP curves the check can draw, one per estimator of model_utils.ESTIMATORS: the key of its
+# per-step increments in a result, its metric suffix and its plot label.
+CURVES = {"one-sided": ("ep_pos", "one_sided", "EP +β (one-sided)"),
+          "one-sided-negative": ("ep_neg", "one_sided_negative", "EP −β (one-sided)"),
+          "symmetric": ("ep_sym", "symmetric", "EP ±β (symmetric)")}
+PHASE_CURVE = {1: "one-sided", -1: "one-sided-negative"}  # the curve of a single nudged phase
+
+
+def curves_in(result):
+    """The estimator names whose curves a result (or its metrics' layer dict) holds, in CURVES order."""
+    return [e for e, (key, suffix, _) in CURVES.items()
+            if key in result or f"rel_rmse_{suffix}" in result]
 
 
 # ----------------------------------------------------------------------------- naming
@@ -116,36 +131,40 @@ def _nudged_increments(model, x, y, s0, K, beta, entries=None):
     return dtheta, dstate
 
 
-def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64, max_entries=None, seed=0):
+def gdu_check(model, x, y, T, K, beta, estimator="symmetric", dtype=torch.float64, max_entries=None, seed=0):
     """Per-step EP increments and BPTT gradients over K steps, all as estimates of −∂ℓ/∂θ
     (docs/method.md §3), computed in `dtype` on a deep copy of the model.
 
     Free phase: T steps at β = 0 from zero (the last K of them recorded for BPTT) → s⁰.
-    EP: K nudged steps from s⁰ with +β (and −β with `thirdphase`; "sym" is their average).
+    EP: K nudged steps from s⁰ for each nudged phase of the estimator (an ESTIMATORS name, or
+    the original's thirdphase boolean): +β and/or −β, each a one-sided curve; the symmetric
+    estimate is their average (in general (a·EP_a − b·EP_b)/(a − b) for the pair (a, b)).
     BPTT: ℓ = mse_loss(s_T), one backward through the K recorded steps, each step with its own
     parameter copy, so per-step contributions come out in time and memory linear in K.
     Index k = 0 … K−1 of every curve is nudged step k+1 ↔ the (k+1)-th-to-last free step.
 
     Returns a dict: names, kinds ('param'|'neuron'), ep_pos / ep_neg / ep_sym / bptt
-    ({name: [K, *shape] per-step increments}; neurons keep the batch axis), bptt_state_grads
+    ({name: [K, *shape] per-step increments}, those the estimator runs; neurons keep the batch
+    axis), estimator, bptt_state_grads
     ({neuron name: −B·∂ℓ/∂s_t for t = T … T−K+1, [K, B, …]}), free_residual (one more free step
     at s⁰: max over layers of ‖Δs‖∞/‖s‖∞, as relax's tol; the theorem needs it ≪ β), T, K, beta,
-    betas ([0, β]: free and nudged phase), thirdphase, dtype, batch_size.
+    betas ([0, β]: free and nudged phase), thirdphase (estimator is symmetric), dtype, batch_size.
 
     max_entries: follow at most this many entries of each parameter tensor (a fixed random
     subset drawn with `seed`; result["entries"] holds their flat indices, result["shapes"] the
     full shapes); the metrics are then estimates over that subset. None: every entry.
 
-    Cost (what `--check-thm` pays per call): T + K steps (T + 2K with thirdphase), one backward
+    Cost (what `--check-thm` pays per call): T + K steps (T + 2K symmetric), one backward
     through K steps and 4K Hebbian terms, in `dtype` — about two EP training steps. Memory: the
-    stored per-step curves, (2 + 2·thirdphase)·K numbers per followed parameter entry, plus
+    stored per-step curves, (2 + 2·symmetric)·K numbers per followed parameter entry, plus
     O(K·|s|) for the states of the backward (no per-step parameter copies).
     """
     if not 0 < K <= T:
         raise ValueError(f"the GDU check needs 0 < K <= T, got T={T}, K={K}")
     if beta == 0:
         raise ValueError("the GDU check needs a nonzero beta")
-    dtype = mu.DTYPES[dtype] if isinstance(dtype, str) else dtype
+    est = mu.estimator_name(estimator)
+    dtype = devices.DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = mu.plain_copy(model, dtype)  # the theorem is about the plain synchronous steps
     model.requires_grad_(False)
     device = next(model.parameters()).device
@@ -158,7 +177,7 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64, max
     s0, bptt_theta, bptt_pre, bptt_state = _free_phase_with_graph(model, x, y, T, K, entries)
     with torch.no_grad():
         drive, keys = model.precompute(x)
-        residual = mu.relative_change(model.step(s0, drive, keys), s0)
+        residual = fixed_point.relative_change(model.step(s0, drive, keys), s0)
     pnames, snames = model.param_names(), neuron_names(model)
     names = pnames + snames
     as_dict = lambda theta, state: {n: v.cpu() for n, v in zip(names, list(theta) + list(state))}
@@ -166,16 +185,20 @@ def gdu_check(model, x, y, T, K, beta, thirdphase=True, dtype=torch.float64, max
         "names": names, "kinds": ["param"] * len(pnames) + ["neuron"] * len(snames),
         "bptt": as_dict(bptt_theta, bptt_pre),
         "bptt_state_grads": {n: v.cpu() for n, v in zip(snames, bptt_state)},
-        "ep_pos": as_dict(*_nudged_increments(model, x, y, s0, K, beta, entries)),
         "entries": {n: e.cpu() for n, e in zip(pnames, entries) if e is not None},
         "shapes": {n: tuple(p.shape) for n, p in zip(pnames, model.params())},
         "free_residual": residual, "T": int(T), "K": int(K), "beta": float(beta),
-        "betas": [0.0, float(beta)], "thirdphase": bool(thirdphase),
+        "betas": [0.0, float(beta)], "estimator": est, "thirdphase": est == "symmetric",
         "dtype": str(dtype).replace("torch.", ""), "batch_size": int(x.shape[0]),
     }
-    if thirdphase:
-        result["ep_neg"] = as_dict(*_nudged_increments(model, x, y, s0, K, -beta, entries))
-        result["ep_sym"] = {n: (result["ep_pos"][n] + result["ep_neg"][n]) / 2 for n in names}
+    a, b = mu.ESTIMATORS[est]
+    for sg in (a, b):
+        if sg:
+            result[CURVES[PHASE_CURVE[sg]][0]] = as_dict(*_nudged_increments(model, x, y, s0, K, sg * beta, entries))
+    key = CURVES[est][0]
+    if key not in result:  # a two-phase estimator: its curve from the one-sided ones
+        ea, eb = result[CURVES[PHASE_CURVE[a]][0]], result[CURVES[PHASE_CURVE[b]][0]]
+        result[key] = {n: (a * ea[n] - b * eb[n]) / (a - b) for n in names}
     return result
 
 
@@ -213,22 +236,21 @@ def sign_agreement(ep, bptt):
 
 
 def gdu_metrics(result):
-    """Per-layer scores of a `gdu_check` result, shaped {"layers": {name: {rel_rmse_one_sided,
-    rel_rmse_symmetric, sign_agreement_one_sided, sign_agreement_symmetric}}, "T", "K", "betas"}
-    (one-sided = +β; the symmetric keys only with thirdphase)."""
-    layers = {}
+    """Per-layer scores of a `gdu_check` result, shaped {"layers": {name: {rel_rmse_<curve>, …,
+    sign_agreement_<curve>, …}}, "T", "K", "betas", "estimator"} for each EP curve it holds
+    (`CURVES`: one_sided = +β, one_sided_negative = −β, symmetric)."""
+    layers, present = {}, curves_in(result)
     for name in result["names"]:
         bptt, m = result["bptt"][name], {}
-        m["rel_rmse_one_sided"] = rel_rmse(result["ep_pos"][name], bptt)
-        if result["thirdphase"]:
-            m["rel_rmse_symmetric"] = rel_rmse(result["ep_sym"][name], bptt)
-        m["sign_agreement_one_sided"] = sign_agreement(result["ep_pos"][name], bptt)
-        if result["thirdphase"]:
-            m["sign_agreement_symmetric"] = sign_agreement(result["ep_sym"][name], bptt)
+        for kind in ("rel_rmse", "sign_agreement"):
+            for e in present:
+                key, suffix, _ = CURVES[e]
+                m[f"{kind}_{suffix}"] = (rel_rmse if kind == "rel_rmse" else sign_agreement)(result[key][name], bptt)
         if name in result.get("entries", {}):
             m["entries_followed"] = len(result["entries"][name])
         layers[name] = m
-    return {"layers": layers, "T": result["T"], "K": result["K"], "betas": list(result["betas"])}
+    return {"layers": layers, "T": result["T"], "K": result["K"], "betas": list(result["betas"]),
+            "estimator": result.get("estimator", "symmetric" if result["thirdphase"] else "one-sided")}
 
 
 def symmetric_gain(result, name):
@@ -243,13 +265,15 @@ def symmetric_gain(result, name):
 
 def format_table(metrics):
     """A per-layer text table of `gdu_metrics` output."""
-    sym = any("rel_rmse_symmetric" in m for m in metrics["layers"].values())
+    present = curves_in(next(iter(metrics["layers"].values())))
+    short = {"one-sided": "+β", "one-sided-negative": "−β", "symmetric": "sym"}
     width = max([len("layer")] + [len(n) for n in metrics["layers"]])
-    cols = ["relRMSE 1-sided", "sign 1-sided"] + (["relRMSE sym", "sign sym"] if sym else [])
-    keys = ["rel_rmse_one_sided", "sign_agreement_one_sided"] + \
-           (["rel_rmse_symmetric", "sign_agreement_symmetric"] if sym else [])
+    cols, keys = [], []
+    for e in present:
+        cols += [f"relRMSE {short[e]}", f"sign {short[e]}"]
+        keys += [f"rel_rmse_{CURVES[e][1]}", f"sign_agreement_{CURVES[e][1]}"]
     head = (f"GDU check (EP vs BPTT, cumulative over K={metrics['K']} steps, T={metrics['T']}, "
-            f"betas={metrics['betas']}; one-sided = +beta)")
+            f"betas={metrics['betas']}; +β, −β: one-sided, sym: symmetric)")
     lines = [head, f"{'layer':<{width}}  " + "  ".join(f"{c:>15}" for c in cols)]
     for name, m in metrics["layers"].items():
         cells = []
@@ -270,8 +294,7 @@ def _figure(**kw):
 def _curves(result, name, index):
     """Cumulative curves of one entry (flat index), from 0 at k = 0: {label: [K + 1 values]}."""
     out = {}
-    series = [("ep_pos", "EP +β (one-sided)"), ("ep_neg", "EP −β (one-sided)"),
-              ("ep_sym", "EP ±β (symmetric)"), ("bptt", "BPTT")]
+    series = [(key, label) for key, _, label in CURVES.values()] + [("bptt", "BPTT")]
     for key, label in series:
         if key in result:
             v = result[key][name].flatten(1)[:, index].cumsum(0)
@@ -329,9 +352,7 @@ def plot_gdu(result, out_dir, n_entries=5, seed=0):
         axes[0].set_ylabel("cumulative estimate of −∂ℓ/∂θ")
         axes[0].legend(fontsize=7)
         m = metrics["layers"][name]
-        scores = f"rel. RMSE one-sided {m['rel_rmse_one_sided']:.2e}"
-        if result["thirdphase"]:
-            scores += f", symmetric {m['rel_rmse_symmetric']:.2e}"
+        scores = "rel. RMSE " + ", ".join(f"{e} {m['rel_rmse_' + CURVES[e][1]]:.2e}" for e in curves_in(result))
         fig.suptitle(f"GDU check, {name} ({tag}); sign convention {SIGN_LABEL}; {scores}",
                      fontsize=9)
         paths.append(_savefig(fig, os.path.join(out_dir, f"gdu_{_safe(name)}.png")))
@@ -361,8 +382,9 @@ def _draw_bars(ax, result, metrics):
         ax.axhline(1.0, color="tab:red", lw=1, ls="--")
         ax.set_ylabel("dist(sym. EP, BPTT) / mean dist(±β one-sided EP, BPTT)", fontsize=8)
     else:
-        values = [metrics["layers"][n]["rel_rmse_one_sided"] for n in names]
-        ax.set_ylabel("rel. RMSE (one-sided EP, BPTT)", fontsize=8)
+        est = result.get("estimator", "one-sided")
+        values = [metrics["layers"][n]["rel_rmse_" + CURVES[est][1]] for n in names]
+        ax.set_ylabel(f"rel. RMSE ({est} EP, BPTT)", fontsize=8)
     colors = ["tab:blue" if k == "param" else "tab:gray" for k in result["kinds"]]
     heights = [v if math.isfinite(v) and v > 0 else 0.0 for v in values]  # nan/0: no bar
     ax.bar(range(len(names)), heights, color=colors)
@@ -377,7 +399,7 @@ def _bar_figure(result, metrics, tag):
     ax = fig.subplots()
     _draw_bars(ax, result, metrics)
     ax.set_title(("Symmetric vs one-sided EP, distance to BPTT (below 1: third phase helps)"
-                  if result["thirdphase"] else "One-sided EP vs BPTT") +
+                  if result["thirdphase"] else f"{result.get('estimator', 'one-sided')} EP vs BPTT") +
                  f"\nparameters blue, neurons grey; {tag}", fontsize=9)
     return fig
 
@@ -394,9 +416,8 @@ def _summary_figure(result, metrics, tag):
         idx = int(final.argmax())
         _draw_entry(ax, result, name, idx)
         m = metrics["layers"][name]
-        text = f"1-sided {m['rel_rmse_one_sided']:.1e}/{m['sign_agreement_one_sided']:.0%}"
-        if result["thirdphase"]:
-            text += f", sym {m['rel_rmse_symmetric']:.1e}/{m['sign_agreement_symmetric']:.0%}"
+        text = ", ".join(f"{CURVES[e][2].split()[1]} {m['rel_rmse_' + CURVES[e][1]]:.1e}/"
+                         f"{m['sign_agreement_' + CURVES[e][1]]:.0%}" for e in curves_in(result))
         entry = list(_unravel(idx, tuple(result["bptt"][name].shape[1:])))
         ax.set_title(f"{name}{entry}\nrelRMSE/sign: {text}", fontsize=8)
         ax.set_xlabel("nudged step k", fontsize=8)
@@ -420,7 +441,7 @@ def convergence_trace(model, x, T, dtype=None):
     convergence measure, `relative_change(s_t, s_{t−1})` (largest relative change of any layer,
     as --tol uses it), delta = ‖s_t − s_{t−1}‖∞ over all layers, phi = mean Φ(s_t) of the batch."""
     if dtype is not None:  # a copy only to change dtype; model.step below is the plain step anyway
-        model = mu.plain_copy(model, mu.DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        model = mu.plain_copy(model, devices.DTYPES[dtype] if isinstance(dtype, str) else dtype)
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
     drive, keys = model.precompute(x)
@@ -429,7 +450,7 @@ def convergence_trace(model, x, T, dtype=None):
     for _ in range(T):
         new = model.step(s, drive, keys)
         delta.append(max((a - b).abs().max().item() for a, b in zip(new, s)))
-        rel.append(mu.relative_change(new, s))
+        rel.append(fixed_point.relative_change(new, s))
         phi.append(model.phi(x, new).mean().item())
         s = new
     return {"delta": delta, "rel": rel, "phi": phi, "T": int(T)}
@@ -491,7 +512,8 @@ def run_gducheck(model, x, y, args, out_dir, log=print):
     """`--execute gducheck` on an embedded batch: convergence summary and per-layer table to
     `log`, gdu_metrics.json in out_dir, and with args.save the PNGs (+ convergence.png).
     Reads args.T, args.K, args.betas (β2 is the nudging strength; the free phase runs at
-    β = 0), args.thirdphase, args.gdu_dtype, args.save. Returns the metrics dict."""
+    β = 0), args.estimator (or the original's args.thirdphase), args.gdu_dtype, args.save.
+    Returns the metrics dict."""
     dtype = getattr(args, "gdu_dtype", "float64")
     beta1, beta2 = args.betas
     if beta1 != 0:
@@ -499,7 +521,7 @@ def run_gducheck(model, x, y, args, out_dir, log=print):
     os.makedirs(out_dir, exist_ok=True)
     trace = convergence_trace(model, x, args.T, dtype=dtype)
     log(format_convergence(trace))
-    result = gdu_check(model, x, y, args.T, args.K, beta2, args.thirdphase, dtype,
+    result = gdu_check(model, x, y, args.T, args.K, beta2, estimator_of(args), dtype,
                        max_entries_of(args))
     if result["entries"]:
         log("GDU check follows a random subset of the largest tensors: " + ", ".join(
@@ -517,6 +539,11 @@ def run_gducheck(model, x, y, args, out_dir, log=print):
     return metrics
 
 
+def estimator_of(args):
+    """The EP estimator the flags name: --estimator, or the original's --thirdphase."""
+    return getattr(args, "estimator", None) or mu.estimator_name(bool(getattr(args, "thirdphase", False)))
+
+
 def max_entries_of(args):
     n = getattr(args, "gdu_max_entries", 0)
     if n is not None and n < 0:
@@ -526,7 +553,7 @@ def max_entries_of(args):
 
 def add_gdu_args(parser):
     """The GDU check's flags: --gdu-dtype (float64 default) and --gdu-samples (16)."""
-    parser.add_argument("--gdu-dtype", choices=sorted(mu.DTYPES), default="float64",
+    parser.add_argument("--gdu-dtype", choices=sorted(devices.DTYPES), default="float64",
                         help="precision of the GDU check (EP is a finite difference in beta: "
                              "float32 loses the small-gradient layers)")
     parser.add_argument("--gdu-samples", type=int, default=16,

@@ -24,10 +24,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data_utils
+import devices
 import dist_utils
 import fixed_point
+import flags
 import gdu
+import loops
 import model_utils as mu
+import ops
 import registry
 import runs
 from data_io import save_json, save_torch, write_atomic
@@ -41,8 +45,8 @@ HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
          "warm_start", "weight_decay"]
 # --fast: the combination measured best (docs/speed.md, "Fewer steps"); explicit flags override it
-FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2}
-SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")
+FAST = flags.FAST
+SOLVER_FLAGS = flags.SOLVER_FLAGS
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -54,9 +58,9 @@ def build_parser():
     a("--fc_layers", "--fc_layer", type=int, nargs="+", help="fully connected sizes, last = classes "
       "(default IMDB: 1000 40 2, SNLI: 400 3)")
     a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
-    a("--act", choices=sorted(mu.ACTIVATIONS), help="activation σ (default my_hard_sig)")
+    a("--act", choices=sorted(ops.ACTIVATIONS), help="activation σ (default my_hard_sig)")
     a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
-    a("--init", choices=mu.INITS, help="initial output biases: centred (default: at the middle of "
+    a("--init", choices=ops.INITS, help="initial output biases: centred (default: at the middle of "
       "σ's working range, so no output unit starts on a flat part) or torch (nn.Linear's, zero-centred)")
     a("--execute", choices=["train", "test", "gducheck", "predict", "export"], default="train",
       help="train, test a stored model, GDU check, predict texts, or export a run for sharing")
@@ -189,49 +193,15 @@ def resolve(args, saved=None):
 
 
 def validate(args):
-    """Clear one-line errors for every bad flag value (exit code 2)."""
-    n_proj = len(registry.get(args.dataset).projections)
-    checks = [
-        (args.seqLen is not None and args.seqLen <= 0, f"--seqLen must be positive, got {args.seqLen}"),
-        (any(h <= 0 for h in args.fc_layers), f"--fc_layers sizes must be positive, got {args.fc_layers}"),
-        (args.T <= 0, f"--T must be positive, got {args.T}"),
-        (args.K <= 0, f"--K must be positive, got {args.K}"),
-        (args.batch_size <= 0, f"--batch_size must be positive, got {args.batch_size}"),
-        (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
-        (args.alg == "BPTT" and args.K > args.T,
-         f"--K ({args.K}) cannot exceed --T ({args.T}) for BPTT: K steps are the last of the T free steps"),
-        (args.alg == "EP" and args.estimator != "one-sided-negative" and args.betas[1] == args.betas[0],
-         f"--betas {args.betas[0]} {args.betas[1]}: EP needs the nudging β2 to differ from β1 "
-         f"(its estimate divides by β2 − β1)"),
-        (args.alg == "EP" and args.estimator == "symmetric" and args.betas[1] == 0,
-         "--betas: three-phase EP needs β2 ≠ 0"),
-        (args.alg == "EP" and args.estimator == "one-sided-negative" and args.betas[0] + args.betas[1] == 0,
-         f"--betas {args.betas[0]} {args.betas[1]}: the one-sided-negative estimate divides by β1 + β2"),
-        (args.lrs is not None and len(args.lrs) != n_proj + len(args.fc_layers),
-         f"--lrs needs {n_proj + len(args.fc_layers)} learning rates for this architecture "
-         f"({n_proj} projection + {len(args.fc_layers)} fully connected layers), got {len(args.lrs or [])}"),
-        (args.lrs is not None and any(lr <= 0 for lr in args.lrs), f"--lrs must be positive, got {args.lrs}"),
-        (args.gamma is not None and args.gamma <= 0, f"--gamma must be positive, got {args.gamma}"),
-        (args.tol is not None and args.tol <= 0, f"--tol must be positive, got {args.tol}"),
-        (args.tol_nudged is not None and args.tol_nudged <= 0,
-         f"--tol-nudged must be positive, got {args.tol_nudged}"),
-        (args.anderson < 0, f"--anderson must be >= 0, got {args.anderson}"),
-        (args.weight_decay < 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (args.test_every < 0, f"--test-every must be >= 0, got {args.test_every}"),
-        (args.bptt_checkpoint < 0, f"--bptt-checkpoint must be >= 0, got {args.bptt_checkpoint}"),
-    ]
-    training, given = args.execute == "train", getattr(args, "given", set())
-    if training and args.alg == "BPTT":  # speed options BPTT training cannot honour
-        for flag in ("tol", "bf16") + SOLVER_FLAGS:
-            checks.append((flag in given, f"--{flag.replace('_', '-')} applies to EP training: "
-                                          f"drop it with --alg BPTT"))
+    """Clear one-line errors for every bad flag value (exit code 2): the shared rules of
+    `flags.py`, then those of the modes."""
+    bad = flags.problems(args)
+    if bad:
+        raise UsageError(bad[0])
     for flag in ("bf16", "tol"):
-        checks.append((args.execute == "gducheck" and flag in given,
-                       f"--{flag} does not apply to gducheck: the theorem is about the plain fixed-T "
-                       f"steps, in --gdu-dtype"))
-    for bad, msg in checks:
-        if bad:
-            raise UsageError(msg)
+        if args.execute == "gducheck" and flag in getattr(args, "given", set()):
+            raise UsageError(f"--{flag} does not apply to gducheck: the theorem is about the plain fixed-T "
+                             f"steps, in --gdu-dtype")
 
 
 def unused_flags(args):
@@ -314,7 +284,7 @@ def train(args, log):
         log(time_estimate(args, model, data, embeddings, args.epochs - state["start_epoch"]))
 
     def evaluate(split, desc):
-        return mu.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
+        return loops.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
                            hp["free_dtype"], args.dist, anderson=args.anderson)
 
     from tqdm import tqdm
@@ -330,7 +300,7 @@ def train(args, log):
                 with deferred_sigint():  # Ctrl-C waits until this epoch's files are complete
                     save_epoch(run.path, model, optimizer, scheduler, config, state["history"], epoch,
                                state["best_val"], improved, hp["warm"])
-    except (KeyboardInterrupt, mu.DivergenceError, mu.DeadNetworkError) as e:
+    except (KeyboardInterrupt, mu.DivergenceError, loops.DeadNetworkError) as e:
         return stop_training(e, run, epoch, log)
     return finish_training(args, model, data, run, config, state, evaluate, log)
 
@@ -374,7 +344,7 @@ def training_model(args, ckpt, data, log):
 
 def training_state(args, model, ckpt, log):
     """Optimizer, scheduler and {history, start_epoch, best_val}, restored when resuming."""
-    optimizer = mu.make_optimizer(model, args.lrs, args.weight_decay)
+    optimizer = loops.make_optimizer(model, args.lrs, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5) \
         if args.lr_decay else None
     state = {"history": new_history(), "start_epoch": 0, "best_val": -1.0}
@@ -403,10 +373,10 @@ def refuse_dead_start(args, model, data):
     if not len(data.train):
         return
     first = data.train.ids[:args.batch_size].to(args.device_obj)
-    x = mu.embed(data.embeddings.to(args.device_obj), first, next(model.parameters()).dtype)
-    dead = mu.initial_dead_layers(model, x, args.T)
+    x = loops.embed(data.embeddings.to(args.device_obj), first, next(model.parameters()).dtype)
+    dead = loops.initial_dead_layers(model, x, args.T)
     if dead:
-        raise mu.DeadNetworkError(mu.dead_layer_message(
+        raise loops.DeadNetworkError(loops.dead_layer_message(
             model, dead, f"of the first batch at initialisation (--init {args.init})",
             "Change --seed, use --init centred, or a smooth --act (my_sigmoid)"))
 
@@ -430,7 +400,7 @@ def open_run_folder(args, data, config, log):
 
 
 def training_hyper(args, data, ckpt):
-    """What train_epoch needs (model_utils.train_epoch), with the warm-start table if any."""
+    """What train_epoch needs (loops.train_epoch), with the warm-start table if any."""
     warm = fixed_point.WarmStarts(len(data.train), args.fc_layers, args.device_obj) \
         if args.warm_start and args.alg == "EP" else None
     if warm is not None and ckpt and ckpt.get("warm_starts") is not None:
@@ -455,7 +425,7 @@ def describe_training(args, model, data):
 def train_one_epoch(args, model, optimizer, scheduler, data, embeddings, hp, epoch, state, evaluate, log):
     """One epoch, its evaluation, its history entries and its log line; returns the stats."""
     gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-    stats = mu.train_epoch(model, optimizer, data.train, embeddings, hp, gen, desc=f"epoch {epoch + 1}",
+    stats = loops.train_epoch(model, optimizer, data.train, embeddings, hp, gen, desc=f"epoch {epoch + 1}",
                            dist=args.dist)
     if hp["warm"] is not None:
         hp["warm"].sync(args.dist)
@@ -477,9 +447,9 @@ def train_one_epoch(args, model, optimizer, scheduler, data, embeddings, hp, epo
         f"{stats['samples'] / stats['seconds']:.1f} samples/s"
         + (f"  steps {stats['free_steps']:.1f}+{stats['nudged_steps']:.1f}" if args.tol or args.tol_nudged else ""))
     if stats["dead"]:
-        msg = mu.dead_layer_message(model, stats["dead"], f"of epoch {epoch + 1}")
+        msg = loops.dead_layer_message(model, stats["dead"], f"of epoch {epoch + 1}")
         if len(model.fc) - 1 in stats["dead"]:  # no output, no learning: stop
-            raise mu.DeadNetworkError(msg)
+            raise loops.DeadNetworkError(msg)
         log(f"WARNING: {msg}")
     return stats
 
@@ -545,7 +515,7 @@ def time_estimate(args, model, data, embeddings, epochs):
     """One line, before the first batch: the time per epoch and for the run, from one timed
     step of the dynamics on a real batch; and a plain word when the job is GPU-scale."""
     B = min(args.batch_size, len(data.train))
-    x = mu.embed(embeddings, data.train.ids[:B].to(embeddings.device), next(model.parameters()).dtype)
+    x = loops.embed(embeddings, data.train.ids[:B].to(embeddings.device), next(model.parameters()).dtype)
     step = mu.seconds_per_step(model, x)
     world = args.dist.world if args.dist else 1
     # EP: T free + K (or 2K) nudged steps; BPTT: T forward steps + about 2 steps' work per backpropagated one
@@ -567,11 +537,11 @@ def time_estimate(args, model, data, embeddings, epochs):
 def check_theorem(model, split, embeddings, args, epoch, log):
     """--check-thm: GDU metrics on a few training samples, logged and kept in the history."""
     n = min(args.gdu_samples, len(split))
-    x = mu.embed(embeddings, split.ids[:n].to(embeddings.device), next(model.parameters()).dtype)
+    x = loops.embed(embeddings, split.ids[:n].to(embeddings.device), next(model.parameters()).dtype)
     metrics = gdu.gdu_metrics(gdu.gdu_check(model, x, split.labels[:n].to(embeddings.device),
-                                            args.T, args.K, args.betas[1], args.thirdphase,
+                                            args.T, args.K, args.betas[1], args.estimator,
                                             getattr(torch, args.gdu_dtype), gdu.max_entries_of(args)))
-    key = "rel_rmse_symmetric" if args.thirdphase else "rel_rmse_one_sided"
+    key = "rel_rmse_" + gdu.CURVES[args.estimator][1]
     worst = max(metrics["layers"].items(), key=lambda kv: kv[1][key])
     log(f"GDU check after epoch {epoch}: worst {key} {worst[1][key]:.3g} ({worst[0]})")
     metrics["epoch"] = epoch
@@ -611,7 +581,7 @@ def test_accuracy(args, ckpt, path, data, stats=None):
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     if args.compile:
         model.compile_step()
-    return mu.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
+    return loops.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
                        args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats,
                        anderson=args.anderson)
 
@@ -639,7 +609,7 @@ def gducheck(args, log):
     os.makedirs(out_dir, exist_ok=True)
     n = min(args.gdu_samples, len(data.test))
     idx = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(args.seed))[:n]
-    x = mu.embed(data.embeddings.to(args.device_obj), data.test.ids[idx].to(args.device_obj), torch.float32)
+    x = loops.embed(data.embeddings.to(args.device_obj), data.test.ids[idx].to(args.device_obj), torch.float32)
     gdu.run_gducheck(model, x, data.test.labels[idx].to(args.device_obj), args, out_dir, log=log)
     log(f"GDU results in {out_dir}")
     return 0
@@ -661,7 +631,7 @@ def predict(args, log):
     ids = [data_utils.encode_texts(f, vocab, args.dataset, args.seqLen, rule) for f in fields]
     ids = ids[0] if len(ids) == 1 else torch.stack(ids, 1)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
-    out = mu.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
+    out = loops.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
                              free_dtype=torch.bfloat16 if args.bf16 else None, anderson=args.anderson)
     known = [data_utils.known_words(f, vocab, args.dataset, rule) for f in fields]  # per field, per text
     print_predictions(texts, out, known, args.dataset, log)
@@ -801,18 +771,18 @@ def main(argv=None):
             if int(os.environ["RANK"]) > 0:
                 return 0
             log(f"notice: --execute {args.execute} runs in one process (rank 0) under torchrun")
-            args.device_obj = mu.pick_device(int(os.environ.get("LOCAL_RANK", "0")), log)
+            args.device_obj = devices.pick_device(int(os.environ.get("LOCAL_RANK", "0")), log)
         elif dist_utils.launched():
             if args.dist_timeout <= 0:
                 raise UsageError(f"--dist-timeout must be positive (got {args.dist_timeout})")
             args.dist = dist_utils.Dist(args.dist_timeout)
             args.device_obj, who = args.dist.device, f"[rank {args.dist.rank}] "
         else:
-            args.device_obj = mu.pick_device(args.device, log)
+            args.device_obj = devices.pick_device(args.device, log)
         if args.device_obj.type == "cuda":  # full float32 everywhere; TF32 only in free phases (hp)
-            mu.set_cuda_tf32(False)
+            devices.set_cuda_tf32(False)
         if args.bf16:
-            notice = mu.bf16_notice(args.device_obj)  # ValueError: one line, exit 2
+            notice = ops.bf16_notice(args.device_obj)  # ValueError: one line, exit 2
             if notice:
                 log(notice)
         run = {"train": train, "test": test, "gducheck": gducheck, "predict": predict,
@@ -821,7 +791,7 @@ def main(argv=None):
     except (UsageError, data_utils.DataError, ValueError) as e:
         print(f"{who}error: {e}", file=sys.stderr)
         return 2
-    except (mu.DivergenceError, mu.DeadNetworkError) as e:
+    except (mu.DivergenceError, loops.DeadNetworkError) as e:
         print(f"{who}error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

@@ -1,59 +1,193 @@
 """Convergent RNNs with modern-Hopfield projection layers, trained by Equilibrium Propagation.
 
-Everything follows from one scalar, the primitive function Φ (docs/method.md §1). This module holds
-the model (IMDB: one projection layer; SNLI: four parallel ones) with Φ,
-its closed-form state gradients and the Hebbian parameter gradients, the synchronous
-dynamics, the 2- and 3-phase EP update, the BPTT baseline, and the train / evaluate loops.
-The activations and the matmul kernel are in `ops`, the fixed-point solvers in `fixed_point`.
+Everything follows from one scalar, the primitive function Φ (docs/method.md §1), written here
+as a sum of interaction terms: the Hopfield projections of the input, the dense synapse layers
+and the cost. This module holds those terms, their per-dataset declaration (`declare_phi`), the
+model `EPNet` whose dynamics and Hebbian estimate loop over the terms, the fixed-point phases,
+the EP estimators and update, and the BPTT baseline. How each layer's state follows its
+pre-activation (σ, the Hopfield retrieval) and the matmul kernel are in `ops`, the fixed-point
+solvers in `fixed_point`, the training and evaluation loops in `loops`.
 
-Conventions: a state is a list `s` of tensors; `s[0]` is the stack of projection states
-[B, P, L, D] (P = 1 for IMDB, 4 for SNLI), `s[1:]` are the fully connected layers [B, H_k],
-`s[-1]` the output. Parameters are, in order, the P projection matrices [D, D] and the
-(weight, bias) of each fully connected layer; `model.params()` returns them as a list `p`
-and every function below accepts such a list so that checks can pass per-step copies.
+Conventions (docs/method.md): a state is a list `s` of tensors; `s[0]` is s0, the stack of
+projection states [B, P, L, D] (P = 1 for IMDB, 4 for SNLI), `s[k]` for k ≥ 1 the fully
+connected layer s_k [B, H_k], `s[-1]` = s_N the output. Parameters are, in order, the P
+projection matrices U_j [D, D] (`proj.j`) and (W_k, b_k) of each dense layer from s_k to s_{k+1}
+(`fc.k`); `model.params()` returns them as a list `p` and every function below accepts such a
+list so that checks can pass per-step copies.
 """
-import contextlib
 import copy
 import math
 import os
-import time
 
 import torch
 import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import fixed_point
 import registry
-from fixed_point import relative_change  # noqa: F401  (the tool's one convergence measure)
-from ops import (ACTIVATION_CENTRE, ACTIVATION_DELTAS, ACTIVATION_FLAT, ACTIVATIONS, INITS,  # noqa: F401
-                 ONEDNN_DTYPES, bf16_notice, hard_sigmoid, linear, my_hard_sig, my_sigmoid, softmax_delta)
-
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the model dtypes a user can choose
-
-
-def pick_device(index=None, log=print):
-    """cuda:index where CUDA is available (index None: 0); otherwise the CPU, with a notice
-    when a CUDA index was asked for. ValueError for an index this machine does not have."""
-    if torch.cuda.is_available():
-        index = 0 if index is None else index
-        if not 0 <= index < torch.cuda.device_count():
-            raise ValueError(f"--device {index}: only {torch.cuda.device_count()} CUDA device(s) found")
-        return torch.device(f"cuda:{index}")
-    if index is not None:
-        log(f"notice: CUDA is not available, running on CPU (--device {index} ignored)")
-    return torch.device("cpu")
+from devices import Clock, cuda_tf32
+from ops import ACTIVATION_CENTRE, ACTIVATION_FLAT, ACTIVATIONS, INITS, HopfieldUnits, SigmaUnits, linear
 
 
 class DivergenceError(RuntimeError):
     """A state, output or gradient became NaN/Inf."""
 
 
+def one_hot(y, like):
+    return F.one_hot(y, like.shape[-1]).to(like.dtype)
+
+
+# ----------------------------------------------------------------------------- Φ's terms
+# Φ is a sum of interaction terms (docs/method.md §1). A term couples a few state layers (its
+# `layers`, indices into the state list s) and owns `n_params` consecutive entries of
+# `EPNet.params()`. It knows its value, its gradient with respect to each state it touches
+# (added to the pre-activation `acc` that the other terms of that layer build up, so the
+# dynamics fuse the adds into the matmuls), the change of that gradient when the states move
+# by δ (`delta`: the part linear in δ, which the nudged phases run on), and its gradient with
+# respect to its parameters, the Hebbian term, from a state or the difference of two.
+# `ctx` carries what is fixed during a phase: the input fields "x", the input drive "drive",
+# the attended "keys", "beta", "y", and in the nudged phases "nudge" = (β − β0)(y − s0_N).
+class Term:
+    layers, n_params = (), 0
+
+    def value(self, s, ctx, prm):
+        raise NotImplementedError
+
+    def grad(self, k, src, ctx, prm, acc):
+        raise NotImplementedError
+
+    def delta(self, k, d, ctx, prm, acc):
+        raise NotImplementedError
+
+    def hebbian(self, s, s_ref, diff, ctx, prm):
+        raise NotImplementedError
+
+    def groups(self, prm):
+        """Its parameters as synapse layers, one learning rate each (`--lrs`)."""
+        return [list(prm)] if prm else []
+
+    def flops(self, B):
+        """Matmul FLOPs of one step (its state gradients) and of one Hebbian term."""
+        return 0, 0
+
+
+class HopfieldProjections(Term):
+    """Σ_j ⟨s0_j, x_{q_j} U_jᵀ⟩: P Hopfield projection layers side by side. Layer j takes its
+    queries from input field q_j through U_j ∈ R^{D×D} (`proj.j`) and retrieves over field k_j,
+    the keys and values (`pairs` = ((q_j, k_j), ...), the registry entry's `projections`). Its
+    state gradient is the input drive x_q·U_jᵀ, fixed during the phases (`precompute`)."""
+    layers = (0,)
+
+    def __init__(self, pairs, L, D):
+        self.pairs, self.L, self.D = [tuple(q) for q in pairs], L, D
+        self.n_params = len(self.pairs)
+
+    def precompute(self, xs, prm):
+        """The drive [B, P, L, D] and the keys/values [B, P, L, D] from the input fields xs."""
+        drive = torch.stack([xs[q] @ u.t() for (q, _), u in zip(self.pairs, prm)], 1)
+        return drive, torch.stack([xs[k] for _, k in self.pairs], 1)
+
+    def value(self, s, ctx, prm):
+        return (s[0] * ctx["drive"]).flatten(1).sum(1)
+
+    def grad(self, k, src, ctx, prm, acc):
+        drive = ctx["drive"].flatten(1)
+        return drive if acc is None else acc + drive
+
+    def delta(self, k, d, ctx, prm, acc):
+        return acc  # input-only: unchanged by δ
+
+    def hebbian(self, s, s_ref, diff, ctx, prm):
+        B = diff[0].shape[0]
+        return [torch.einsum("bld,ble->de", diff[0][:, j], ctx["x"][q]) / B for j, (q, _) in enumerate(self.pairs)]
+
+    def groups(self, prm):
+        return [[u] for u in prm]
+
+    def flops(self, B):
+        return 0, 2 * B * len(self.pairs) * self.L * self.D ** 2
+
+
+class Dense(Term):
+    """⟨s_{k+1}, W_k vec(s_k) + b_k⟩: a fully connected synapse layer (`fc.k`) from layer k to k+1."""
+    n_params = 2
+
+    def __init__(self, k, n_in, n_out):
+        self.layers, self.n_in, self.n_out = (k, k + 1), n_in, n_out
+
+    def value(self, s, ctx, prm):
+        k = self.layers[0]
+        return (s[k + 1] * F.linear(s[k].flatten(1), *prm)).sum(1)
+
+    def grad(self, k, src, ctx, prm, acc, bias=True):
+        (pre, post), (W, b) = self.layers, prm
+        if k == post:  # W_k s_k + b_k
+            return linear(src[pre].flatten(1), W, b if bias else None, add=acc)
+        return linear(src[post], W.t(), add=acc)  # W_kᵀ s_{k+1}
+
+    def delta(self, k, d, ctx, prm, acc):
+        return self.grad(k, d, ctx, prm, acc, bias=False)
+
+    def hebbian(self, s, s_ref, diff, ctx, prm):
+        """s_{k+1} s_kᵀ and s_{k+1}; for a difference, (post − post_ref)·preᵀ + post_ref·(pre − pre_ref)ᵀ
+        so that two nearly equal products never cancel in a float32 accumulation (docs/precision.md)."""
+        (pre, post), B = self.layers, diff[0].shape[0]
+        x, dpost = s[pre].flatten(1), diff[post] / B
+        if s_ref is None:
+            w = linear(dpost.t(), x.t())
+        else:
+            w = linear((s_ref[post] / B).t(), diff[pre].flatten(1).t(), add=linear(dpost.t(), x.t()))
+        return [w, diff[post].mean(0)]
+
+    def flops(self, B):
+        mm = 2 * B * self.n_in * self.n_out
+        return 2 * mm, mm  # forward and feedback; Hebbian
+
+
+class Cost(Term):
+    """−β ℓ(s_N, y) = −β ½‖s_N − onehot(y)‖²: the nudge on the output layer N."""
+
+    def __init__(self, N):
+        self.layers = (N,)
+
+    def value(self, s, ctx, prm):
+        beta, out = ctx.get("beta", 0.0), s[self.layers[0]]
+        if not isinstance(beta, torch.Tensor) and beta == 0.0:
+            return torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
+        return -beta * 0.5 * ((out - one_hot(ctx["y"], out)) ** 2).sum(1)
+
+    def grad(self, k, src, ctx, prm, acc):
+        beta = ctx.get("beta", 0.0)
+        if not isinstance(beta, torch.Tensor) and beta == 0.0:
+            return acc
+        return acc + beta * (one_hot(ctx["y"], src[k]) - src[k])
+
+    def delta(self, k, d, ctx, prm, acc):
+        return acc + ctx["nudge"] - ctx["beta"] * d[k]  # (β − β0)(y − s0_N) − β δ_N
+
+    def hebbian(self, s, s_ref, diff, ctx, prm):
+        return []
+
+
+def declare_phi(spec, L, D, fc_layers, act, gamma):
+    """Φ of a registry dataset (IMDB: one projection, SNLI: four) as (terms, units): the Hopfield
+    projections of its input fields, a chain of dense layers on their flattened states, the
+    cost on the output; the Hopfield retrieval for the projection states, σ for the rest.
+    The terms are listed in the order of `EPNet.params()`."""
+    P, sizes = len(spec.projections), [len(spec.projections) * L * D] + list(fc_layers)
+    terms = [HopfieldProjections(spec.projections, L, D)]
+    terms += [Dense(k, a, b) for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    terms.append(Cost(len(fc_layers)))
+    units = [HopfieldUnits(P, L, D, gamma)] + [SigmaUnits(h, act) for h in fc_layers]
+    return terms, units
+
+
 # ----------------------------------------------------------------------------- the model
 class EPNet(nn.Module):
-    """Convergent RNN: P parallel Hopfield projection layers followed by an FC stack (docs/method.md §1)."""
+    """Convergent RNN: P parallel Hopfield projection layers followed by an FC stack
+    (docs/method.md §1). Φ is the sum of `self.terms`; the dynamics, the Hebbian estimate and
+    the work counts loop over them, so a new layer type is a new Term (and Units)."""
 
     def __init__(self, dataset, seq_len, embed_dim, fc_layers, act="my_hard_sig", gamma=None,
                  init="centred"):
@@ -63,23 +197,34 @@ class EPNet(nn.Module):
             raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
         self.dataset, self.L, self.D = spec.name, int(seq_len), int(embed_dim)
         self.fc_layers, self.act_name = [int(h) for h in fc_layers], act
-        self.act, self.act_delta = ACTIVATIONS[act], ACTIVATION_DELTAS[act]
         self.pairs, self.n_inputs = [tuple(q) for q in spec.projections], spec.n_fields
         self.P = len(self.pairs)
-        if gamma is None:
-            gamma = spec.gamma or 1.0 / math.sqrt(self.D)
-        self.gamma = float(gamma)
+        self.gamma = float(gamma if gamma is not None else spec.gamma or 1.0 / math.sqrt(self.D))
+        self.terms, self.units = declare_phi(spec, self.L, self.D, self.fc_layers, act, self.gamma)
+        self._index_terms()
         self.compiled = {}  # method name -> its torch.compile'd version (compile_step())
-        self.proj = nn.ParameterList(
-            [nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
-        sizes = [self.P * self.L * self.D] + self.fc_layers
-        self.fc = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.proj = nn.ParameterList([nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
+        self.fc = nn.ModuleList([nn.Linear(t.n_in, t.n_out) for t in self.terms if isinstance(t, Dense)])
         for w in self.proj:
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # same law as nn.Linear
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
         if init == "centred":
             self.centre_biases()
+
+    def _index_terms(self):
+        self.touching = [[i for i, t in enumerate(self.terms) if k in t.layers] for k in range(len(self.units))]
+
+    def add_term(self, name, term, *params):
+        """Add an interaction term to Φ, with its parameters (registered as `name.0`, `name.1`, …
+        after all others, so the term goes last in `terms`). The dynamics, the nudged steps,
+        the Hebbian estimate, BPTT, the GDU check and the FLOP count then include it; it is
+        one more synapse layer (one more --lrs value) per entry of its `groups`."""
+        term.n_params = len(params)
+        setattr(self, name, nn.ParameterList(params))
+        self.terms.append(term)
+        self._index_terms()
+        return self
 
     def centre_biases(self):
         """Shift the output layer's biases by the centre of σ's working range (my_hard_sig: 1,
@@ -98,7 +243,7 @@ class EPNet(nn.Module):
 
     @property
     def n_synapse_layers(self):
-        return self.P + len(self.fc)
+        return len(self.layer_groups())
 
     def config(self):
         """The JSON-able architecture, enough to rebuild the model."""
@@ -106,19 +251,24 @@ class EPNet(nn.Module):
                 "fc_layers": self.fc_layers, "act": self.act_name, "gamma": self.gamma}
 
     def params(self):
-        """Parameters as a flat list p: [W_proj_1..P, W_fc1, b_fc1, W_fc2, b_fc2, ...]."""
+        """Parameters as a flat list p: [U_0..U_{P−1} (proj), W_0, b_0, W_1, b_1, ... (fc)], the
+        terms' parameters in their order."""
         return list(self.parameters())
 
     def param_names(self):
         return [n for n, _ in self.named_parameters()]
 
+    def term_params(self, p=None):
+        """p (default: the model's parameters) cut into each term's list."""
+        p, out, i = self.params() if p is None else p, [], 0
+        for t in self.terms:
+            out.append(p[i:i + t.n_params])
+            i += t.n_params
+        return out
+
     def layer_groups(self):
         """One list of parameters per synapse layer (projections first), for per-layer lrs."""
-        return [[w] for w in self.proj] + [[l.weight, l.bias] for l in self.fc]
-
-    def _split(self, p):
-        p = self.params() if p is None else p
-        return p[:self.P], p[self.P::2], p[self.P + 1::2]  # projections, FC weights, FC biases
+        return [g for t, prm in zip(self.terms, self.term_params()) for g in t.groups(prm)]
 
     # -- input-only terms, once per batch ----------------------------------------------
     def inputs(self, x):
@@ -127,101 +277,92 @@ class EPNet(nn.Module):
         return [x] if self.n_inputs == 1 else list(x.unbind(1))
 
     def precompute(self, x, p=None):
-        """Bottom-up drive x·Wᵀ [B, P, L, D] and the attended keys/values [B, P, L, D]."""
-        proj, _, _ = self._split(p)
-        xs = self.inputs(x)
-        drive = torch.stack([xs[q] @ w.t() for (q, _), w in zip(self.pairs, proj)], 1)
-        keys = torch.stack([xs[k] for _, k in self.pairs], 1)
-        return drive, keys
+        """Bottom-up drive x·Uᵀ [B, P, L, D] and the attended keys/values [B, P, L, D]."""
+        return self.terms[0].precompute(self.inputs(x), self.term_params(p)[0])
 
     def init_states(self, batch_size, device=None, dtype=None):
         """All layers at zero: [B, P, L, D] then [B, H_k] for each FC layer."""
-        kw = {"device": device, "dtype": dtype}
-        return [torch.zeros(batch_size, self.P, self.L, self.D, **kw)] + \
-               [torch.zeros(batch_size, h, **kw) for h in self.fc_layers]
+        return [u.zeros(batch_size, device=device, dtype=dtype) for u in self.units]
 
     def warm_states(self, fc, drive, keys, p=None):
         """A starting point from the fully connected states alone (a warm start,
-        `fixed_point.WarmStarts`): the projection states are what the step makes of s[1],
-        softmax(γ·(drive + W₁ᵀ s[1])·keysᵀ)·keys, the value they take at any fixed point."""
-        return [self.retrieve(self._grad_projection(fc[0], drive, p), keys)] + list(fc)
+        `fixed_point.WarmStarts`): the projection states are what the step makes of s_1,
+        softmax(γ·(drive + W_0ᵀ s_1)·keysᵀ)·keys, the value they take at any fixed point."""
+        s, ctx = [None] + list(fc), {"drive": drive, "keys": keys}
+        return [self.units[0].update(self.pre_activation(0, s, ctx, self.term_params(p)), ctx)] + list(fc)
 
     # -- Φ and its gradients ----------------------------------------------------------
     def phi(self, x, s, beta=0.0, y=None, p=None):
         """Primitive function Φ(x, s, θ; β, y) per sample, shape [B] (docs/method.md §1)."""
-        _, W, b = self._split(p)
-        drive, _ = self.precompute(x, p)
-        out = (s[0] * drive).flatten(1).sum(1)
-        for k in range(len(W)):
-            out = out + (s[k + 1] * F.linear(s[k].flatten(1), W[k], b[k])).sum(1)
-        if beta != 0.0:
-            out = out - beta * 0.5 * ((s[-1] - one_hot(y, s[-1])) ** 2).sum(1)
-        return out
+        ctx = {"drive": self.precompute(x, p)[0], "beta": beta, "y": y}
+        return sum(t.value(s, ctx, prm) for t, prm in zip(self.terms, self.term_params(p)))
+
+    def pre_activation(self, k, src, ctx, tp, delta=False):
+        """∂Φ/∂s_k at the states src, summed over the terms touching layer k in their order
+        (delta: its change when the states move by src, for the nudged steps)."""
+        acc = None
+        for i in self.touching[k]:
+            acc = (self.terms[i].delta if delta else self.terms[i].grad)(k, src, ctx, tp[i], acc)
+        return acc
 
     def grad_states(self, s, drive, beta=0.0, y=None, p=None):
         """Closed-form ∂Φ/∂s_k for every layer (docs/method.md §1, 'one step of the dynamics')."""
-        return [self._grad_projection(s[1], drive, p)] + self._grad_fc(s, beta, y, p)
-
-    def _grad_projection(self, s1, drive, p=None):
-        """∂Φ/∂s[0]: the bottom-up drive plus the top-down feedback W₁ᵀ s[1]."""
-        W = self._split(p)[1]
-        return linear(s1, W[0].t(), add=drive.flatten(1)).view_as(drive)
-
-    def _grad_fc(self, s, beta=0.0, y=None, p=None):
-        """∂Φ/∂s_k of the FC layers k ≥ 1, from the layers below and above (and the nudge)."""
-        _, W, b = self._split(p)
-        nudge = (lambda g: g + beta * (one_hot(y, s[-1]) - s[-1])) if beta != 0.0 else None
-        return [self._fc_input(k, s, s, W, b, nudge) for k in range(1, len(s))]
-
-    @staticmethod
-    def _fc_input(k, below, above, W, b=None, nudge=None):
-        """The input of FC layer k: W_k·below[k−1] (+ b_k), plus the feedback W_{k+1}ᵀ·above[k+1]
-        below the output; at the output, `nudge` (a function of that input adding the nudge
-        term) if given. The steps pass the old or the newly updated states as below/above,
-        which sets their update order."""
-        gk = linear(below[k - 1].flatten(1), W[k - 1], None if b is None else b[k - 1])
-        if k < len(W):
-            return linear(above[k + 1], W[k].t(), add=gk)
-        return gk if nudge is None else nudge(gk)
+        ctx, tp = {"drive": drive, "beta": beta, "y": y}, self.term_params(p)
+        return [self.pre_activation(k, s, ctx, tp).view_as(s[k]) for k in range(len(s))]
 
     def attention(self, g0, keys):
         """The Hopfield attention of the projection states: softmax(γ·g0·keysᵀ)."""
-        return torch.softmax(self.gamma * (g0 @ keys.transpose(-1, -2)), dim=-1)
+        return self.units[0].attention(g0, keys)
 
     def retrieve(self, g0, keys):
         """The Hopfield retrieval of the projection states: attention(g0)·keys."""
-        return self.attention(g0, keys) @ keys
+        return self.units[0].update(g0, {"keys": keys})
 
     def update(self, g, keys):
-        """New states from the gradients: Hopfield retrieval for s[0], σ for the rest."""
-        return [self.retrieve(g[0], keys)] + [self.act(gk) for gk in g[1:]]
+        """New states from the gradients: Hopfield retrieval for s0, σ for the rest."""
+        ctx = {"keys": keys}
+        return [u.update(gk, ctx) for u, gk in zip(self.units, g)]
+
+    def sweep(self, s, ctx, p, order, gauss_seidel):
+        """Update the layers in `order`, each from ∂Φ/∂s at the current states: the old ones
+        (synchronous, as the theorem's step), or the newest (gauss_seidel: a layer reads the
+        layers already updated in this sweep)."""
+        tp, new = self.term_params(p), list(s)
+        src = new if gauss_seidel else s
+        for k in order:
+            new[k] = self.units[k].update(self.pre_activation(k, src, ctx, tp), ctx)
+        return new
 
     def step(self, s, drive, keys, beta=0.0, y=None, p=None):
         """One synchronous step of the dynamics, all layers updated from s(t)."""
-        return self.update(self.grad_states(s, drive, beta, y, p), keys)
+        return self.sweep(s, {"drive": drive, "keys": keys, "beta": beta, "y": y}, p, range(len(s)), False)
 
     def step_fc(self, s, drive, keys, beta=0.0, y=None, p=None):
         """One sweep of the dynamics for a fixed-point solver: the projection states first,
-        retrieved from s[1] (they depend on nothing else), then the FC layers bottom-up, each
+        retrieved from s_1 (they depend on nothing else), then the FC layers bottom-up, each
         from the new layer below and the old one above (Gauss–Seidel order, the way the input
-        travels in the free phase). The same fixed points and matmuls as `step`; s[0] is not
+        travels in the free phase). The same fixed points and matmuls as `step`; s0 is not
         read, so the map acts on the FC states alone (a few hundred numbers per sample, what
         `fixed_point.anderson` with mix_from=1 mixes)."""
-        _, W, b = self._split(p)
-        nudge = (lambda g: g + beta * (one_hot(y, s[-1]) - s[-1])) if beta != 0.0 else None
-        new = [self.retrieve(self._grad_projection(s[1], drive, p), keys)] + list(s[1:])
-        for k in range(1, len(s)):
-            new[k] = self.act(self._fc_input(k, new, s, W, b, nudge))
-        return new
+        return self.sweep(s, {"drive": drive, "keys": keys, "beta": beta, "y": y}, p, range(len(s)), True)
 
     # -- the nudged phases, relative to the free fixed point s0 -----------------------
     def nudged_setup(self, s0, drive, keys, beta0=0.0, y=None, p=None):
-        """What every nudged step from s0 reuses: the pre-activations G0 = ∂Φ/∂s(s0; β0), the
-        attention p0 at s0, and the free phase's residual r = F(s0) − s0 (0 at a fixed point)."""
-        g0 = self.grad_states(s0, drive, beta0, y, p)
-        p0 = self.attention(g0[0], keys)
-        r = [p0 @ keys - s0[0]] + [self.act(g) - s for g, s in zip(g0[1:], s0[1:])]
-        return g0, p0, r
+        """What every nudged step from s0 reuses: the pre-activations G0 = ∂Φ/∂s(s0; β0), each
+        layer's linearisation there (the attention p0 of the projection states), and the free
+        phase's residual r = F(s0) − s0 (0 at a fixed point)."""
+        g0, ctx = self.grad_states(s0, drive, beta0, y, p), {"keys": keys}
+        lin = [u.linearise(g, ctx) for u, g in zip(self.units, g0)]
+        return g0, [a for a, _ in lin], [f - s for (_, f), s in zip(lin, s0)]
+
+    def delta_sweep(self, d, setup, ctx, p, order, gauss_seidel):
+        """`sweep` on δ = s − s0: δ_k' = r_k + F_k(G0_k + ΔG_k) − F_k(G0_k), ΔG from the terms' `delta`."""
+        (g0, aux, r), tp, new = setup, self.term_params(p), list(d)
+        src = new if gauss_seidel else d
+        for k in order:
+            dg = self.pre_activation(k, src, ctx, tp, delta=True)
+            new[k] = r[k] + self.units[k].delta(g0[k], aux[k], dg, ctx)
+        return new
 
     def delta_step(self, d, setup, keys, beta, nudge, p=None):
         """One synchronous step of the nudged dynamics written for δ = s − s0:
@@ -232,28 +373,15 @@ class EPNet(nn.Module):
         keeps its relative precision, so s₊ − s₋ is exact to float32 rounding of δ, not of s.
         beta: a 0-d tensor (no recompilation per value under torch.compile), or one value
         per row [B, 1]."""
-        return [self._delta_projection(d[1], setup, keys, p)] + self._delta_fc(d, setup, beta, nudge, p)
+        ctx = {"keys": keys, "beta": beta, "nudge": nudge}
+        return self.delta_sweep(d, setup, ctx, p, range(len(d)), False)
 
     def delta_step_fc(self, d, setup, keys, beta, nudge, p=None):
-        """`step_fc` for δ, in the order the nudge travels: the projection offsets from δ[1],
+        """`step_fc` for δ, in the order the nudge travels: the projection offsets from δ1,
         then the FC layers top-down from the output, each from the new layer above and the old
         one below (layer 1 from the new projections). Reads δ[1:] only."""
-        (g0, _, r), (_, W, _) = setup, self._split(p)
-        output = lambda g: g + nudge - beta * d[-1]  # noqa: E731
-        new = [self._delta_projection(d[1], setup, keys, p)] + list(d[1:])
-        for k in range(len(d) - 1, 0, -1):
-            new[k] = r[k] + self.act_delta(g0[k], self._fc_input(k, new, new, W, nudge=output))
-        return new
-
-    def _delta_projection(self, d1, setup, keys, p=None):
-        (_, p0, r), W = setup, self._split(p)[1]
-        dg0 = linear(d1, W[0].t()).view_as(r[0])
-        return r[0] + softmax_delta(p0, self.gamma * (dg0 @ keys.transpose(-1, -2))) @ keys
-
-    def _delta_fc(self, d, setup, beta, nudge, p=None):
-        (g0, _, r), (_, W, _) = setup, self._split(p)
-        output = lambda g: g + nudge - beta * d[-1]  # noqa: E731
-        return [r[k] + self.act_delta(g0[k], self._fc_input(k, d, d, W, nudge=output)) for k in range(1, len(d))]
+        ctx = {"keys": keys, "beta": beta, "nudge": nudge}
+        return self.delta_sweep(d, setup, ctx, p, [0] + list(range(len(d) - 1, 0, -1)), True)
 
     STEP_METHODS = ("step", "delta_step", "step_fc", "delta_step_fc")
 
@@ -280,31 +408,23 @@ class EPNet(nn.Module):
         return [t.detach() for t in self.update(list(g), keys)]
 
     def hebbian(self, x, s, s_ref=None, diff=None):
-        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (docs/method.md §2.5).
-        With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), computed from the state differences
-        so that the two nearly equal products never cancel inside a float32 (or TF32)
-        accumulation: post·preᵀ − post_ref·pre_refᵀ = (post − post_ref)·preᵀ + post_ref·(pre − pre_ref)ᵀ,
-        the same FLOPs as one product over a doubled batch (docs/precision.md).
-        diff: s − s_ref when it is known more precisely than the rounded states give it."""
-        B = s[0].shape[0]
-        xs = self.inputs(x)
+        """∂Φ/∂θ at state s, averaged over the batch, aligned with `params()` (docs/method.md §2),
+        each term's own. With s_ref: the difference ∂Φ/∂θ(s) − ∂Φ/∂θ(s_ref), which the terms
+        compute from the state differences so that two nearly equal products never cancel inside
+        a float32 (or TF32) accumulation (docs/precision.md). diff: s − s_ref when it is known
+        more precisely than the rounded states give it."""
         if diff is None:
             diff = s if s_ref is None else [a - b for a, b in zip(s, s_ref)]
-        out = [torch.einsum("bld,ble->de", diff[0][:, j], xs[q]) / B
-               for j, (q, _) in enumerate(self.pairs)]
-        for k in range(len(self.fc)):
-            pre, dpost = s[k].flatten(1), diff[k + 1] / B
-            if s_ref is None:
-                out.append(linear(dpost.t(), pre.t()))  # s_{k+1} s_kᵀ
-            else:
-                dpre, post_ref = diff[k].flatten(1), s_ref[k + 1] / B
-                out.append(linear(post_ref.t(), dpre.t(), add=linear(dpost.t(), pre.t())))
-            out.append(diff[k + 1].mean(0))
-        return out
+        ctx = {"x": self.inputs(x)}
+        return [h for t, prm in zip(self.terms, self.term_params())
+                for h in t.hebbian(s, s_ref, diff, ctx, prm)]
 
-
-def one_hot(y, like):
-    return F.one_hot(y, like.shape[-1]).to(like.dtype)
+    def flops(self, B):
+        """Matmul FLOPs of one synchronous step and of one Hebbian term, summed over the terms
+        and units (the benchmark's work counts)."""
+        per_term = [t.flops(B) for t in self.terms]
+        return (sum(f for f, _ in per_term) + sum(u.flops(B) for u in self.units),
+                sum(h for _, h in per_term))
 
 
 def mse_loss(out, y):
@@ -319,32 +439,6 @@ def flat_units(model, s):
     if flat is None:
         return [torch.zeros(t.shape[1], dtype=torch.bool, device=t.device) for t in s[1:]]
     return [((t == flat[0]) | (t == flat[1])).all(0) for t in s[1:]]
-
-
-class DeadNetworkError(RuntimeError):
-    """A layer's units all sat on a flat part of σ: no nudge or gradient passes it."""
-
-
-def dead_layers(flat):
-    """Indices of the FC layers whose units are all flat (masks from `flat_units`)."""
-    return [k for k, f in enumerate(flat) if bool(f.all())]
-
-
-def dead_layer_message(model, dead, where, fix="Change --seed, lower --lrs, use --init centred "
-                                                 "for new runs, or a smooth --act (my_sigmoid)"):
-    """One line naming the dead FC layers (indices from `dead_layers`) and what to change."""
-    names = ", ".join(f"fc.{k} ({'output' if k == len(model.fc) - 1 else 'hidden'}, "
-                      f"{model.fc_layers[k]} units)" for k in dead)
-    return (f"{names}: every unit sat on a flat part of {model.act_name} for every sample {where}, "
-            f"so neither EP nor BPTT gets a gradient through it. {fix}")
-
-
-@torch.no_grad()
-def initial_dead_layers(model, x, T):
-    """FC layers that are dead at the free state of batch x before any training."""
-    drive, keys = model.precompute(x)
-    s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T)
-    return dead_layers(flat_units(model, s))
 
 
 def plain_copy(model, dtype=None):
@@ -412,11 +506,11 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
     nudge = torch.cat([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs])
     beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
                            for sg in signs])
-    g0, p0, r = setup
     if n_ph > 1:
-        g0, p0, r = [torch.cat([t] * n_ph) for t in g0], torch.cat([p0] * n_ph), [torch.cat([t] * n_ph) for t in r]
+        setup = [[None if t is None else torch.cat([t] * n_ph) for t in part] for part in setup]
         keys = torch.cat([keys] * n_ph)
-    d, n = fixed_point.anderson(lambda d: step(d, (g0, p0, r), keys, beta_rows, nudge),
+    g0, aux, r = setup
+    d, n = fixed_point.anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge),
                                 [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
     return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
 
@@ -546,51 +640,6 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
                     "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": s0[1:]}
 
 
-def _swap_matmul_precision(value):
-    """Set CUDA's float32 matmul precision setting to `value` and return the previous one
-    (a raw value of that setting, so it can be restored as it was). PyTorch >= 2.9 has
-    fp32_precision ("tf32"/"ieee"), older versions allow_tf32; mixing both APIs is an error."""
-    m = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
-    before = getattr(m, name)
-    setattr(m, name, value)
-    return before
-
-
-def set_cuda_tf32(enabled):
-    """CUDA float32 matmuls in TF32 (10-bit mantissa) or full float32 from now on; returns the
-    previous setting. No effect on the CPU."""
-    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-    return _swap_matmul_precision(("tf32" if enabled else "ieee") if new_api else bool(enabled))
-
-
-@contextlib.contextmanager
-def cuda_tf32(enabled):
-    """`set_cuda_tf32(enabled)` inside the block, the previous setting afterwards."""
-    before = set_cuda_tf32(enabled)
-    try:
-        yield
-    finally:
-        _swap_matmul_precision(before)
-
-
-class Clock:
-    """Seconds since the previous call (or creation), synchronising CUDA first."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.last = self.now()
-
-    def now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def __call__(self):
-        last, self.last = self.last, self.now()
-        return self.last - last
-
-
 def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
     """T−K free steps without a graph, K recorded steps, backprop of ℓ (docs/method.md §2, BPTT).
     checkpoint=c > 0: activation checkpointing, the K steps run in segments of c whose
@@ -627,133 +676,3 @@ def _steps(model, n, drive, keys, *s):
     return s
 
 
-def check_grads_finite(model):
-    for name, prm in model.named_parameters():
-        if prm.grad is not None and not torch.isfinite(prm.grad).all():
-            raise DivergenceError(f"non-finite gradient for parameter {name}")
-
-
-# ----------------------------------------------------------------------------- loops
-def make_optimizer(model, lrs, weight_decay=0.0):
-    """Adam with one parameter group (and learning rate) per synapse layer. weight_decay > 0:
-    AdamW, the decay decoupled from the gradient (each weight shrinks by lr·wd per step), on
-    the weight matrices only (projections and FC weights; biases are not decayed), so each
-    layer then has a weight group and a bias group with the same learning rate."""
-    groups = model.layer_groups()
-    if len(lrs) != len(groups):
-        raise ValueError(f"--lrs needs {len(groups)} learning rates for this architecture "
-                         f"({model.P} projection + {len(model.fc)} fully connected layers), "
-                         f"got {len(lrs)}")
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())  # one kernel per tensor
-    if not weight_decay:
-        return torch.optim.Adam([{"params": g, "lr": lr, "layer": k} for k, (g, lr) in enumerate(zip(groups, lrs))],
-                                eps=1e-8, fused=fused or None)
-    split = []
-    for k, (g, lr) in enumerate(zip(groups, lrs)):
-        split.append({"params": g[:1], "lr": lr, "weight_decay": weight_decay, "layer": k})
-        if len(g) > 1:
-            split.append({"params": g[1:], "lr": lr, "weight_decay": 0.0, "layer": k})
-    return torch.optim.AdamW(split, eps=1e-8, fused=fused or None)
-
-
-def embed(embeddings, ids, dtype):
-    """Token ids [B, L] or [B, 2, L] -> word vectors [..., L, D] on the embeddings' device."""
-    return embeddings[ids.long()].to(dtype)
-
-
-def batches(n, batch_size, generator=None):
-    """Index batches over n samples, shuffled when a generator is given."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", dist=None):
-    """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator (or the
-    original's thirdphase boolean),
-    batch_size, tol and optionally free_dtype, free_tf32, anderson, tol_nudged (see ep_gradients),
-    warm (a fixed_point.WarmStarts over the split: read before and written after each free
-    phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
-    to train data-parallel (each rank takes its part of every global batch).
-    Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
-    the FC layers whose units were all flat for every sample of the epoch (`dead_layers`)."""
-    device, dtype = embeddings.device, next(model.parameters()).dtype
-    model.train()
-    correct = seen = free = nudged = nb = 0
-    active = [torch.zeros(h, dtype=torch.long, device=device) for h in model.fc_layers]
-    start = time.perf_counter()
-    bar = tqdm(batches(len(split), hp["batch_size"], generator), desc=desc, leave=False,
-               dynamic_ncols=True)
-    for batch in bar:
-        idx = batch if dist is None else dist.shard(batch)
-        if len(idx):
-            x = embed(embeddings, split.ids[idx].to(device), dtype)
-            y = split.labels[idx].to(device)
-            if hp["alg"] == "EP":
-                warm = hp.get("warm")
-                out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                         hp.get("estimator", hp.get("thirdphase")), hp.get("tol"),
-                                         hp.get("free_dtype"),
-                                         free_tf32=hp.get("free_tf32", False),
-                                         anderson=hp.get("anderson") or 0, tol_nudged=hp.get("tol_nudged"),
-                                         warm=None if warm is None else warm.get(idx, dtype))
-                if warm is not None:
-                    warm.put(idx, info["free_fc"])
-            else:
-                out, info = bptt_gradients(model, x, y, hp["T"], hp["K"], hp.get("bptt_checkpoint", 0),
-                                           hp.get("free_tf32", False))
-            correct += (out.argmax(1) == y).sum().item()
-            free, nudged, nb = free + info["free_steps"], nudged + info["nudged_steps"], nb + 1
-            active = [a + (~f) for a, f in zip(active, info["flat"])]
-        if dist is not None:
-            dist.average_grads(model, len(idx), len(batch))
-        check_grads_finite(model)
-        optimizer.step()
-        seen += len(idx)
-        bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}", refresh=False)
-    seconds = time.perf_counter() - start
-    if dist is not None:
-        correct, seen, free, nudged, nb = dist.sum([correct, seen, free, nudged, nb])
-        active = [torch.tensor(dist.sum(a.tolist())) for a in active]
-    dead = dead_layers([a == 0 for a in active]) if seen else []
-    return {"train_acc": correct / max(seen, 1), "samples": int(seen), "seconds": seconds,
-            "free_steps": free / max(nb, 1), "nudged_steps": nudged / max(nb, 1), "dead": dead}
-
-
-@torch.no_grad()
-def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, free_dtype=None,
-                    stats=None, anderson=0):
-    """Output layer after T free steps (β = 0) for every sample: [N, C]. free_dtype: run the
-    steps in this dtype (e.g. torch.bfloat16) on copies of the weights. stats: a dict that
-    receives the free steps used, averaged over the batches ("free_steps"). anderson: see relax."""
-    device, dtype = embeddings.device, next(model.parameters()).dtype
-    dt = free_dtype or dtype
-    p = None if dt == dtype else [w.to(dt) for w in model.params()]
-    model.eval()
-    outs, used = [], []
-    chunks = batches(len(ids), batch_size)
-    for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
-        drive, keys = model.precompute(embed(embeddings, ids[idx].to(device), dtype))
-        s, n = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
-                     tol=tol, p=p, anderson=anderson)
-        check_finite(s, "evaluation free")
-        outs.append(s[-1].to(dtype).cpu())
-        used.append(n)
-    if stats is not None:
-        stats["free_steps"] = sum(used) / max(len(used), 1)
-    return torch.cat(outs) if outs else torch.zeros(0, model.n_classes)
-
-
-def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None, dist=None,
-             stats=None, anderson=0):
-    """Accuracy: argmax of the output after T free steps with β = 0. With dist, each rank
-    evaluates its contiguous part of the split and the correct counts are summed. stats: see
-    predict_outputs (this rank's batches)."""
-    if len(split) == 0:
-        return float("nan")
-    idx = torch.arange(len(split)) if dist is None else dist.shard(torch.arange(len(split)))
-    out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype, stats,
-                          anderson)
-    correct = (out.argmax(1) == split.labels[idx]).sum().item()
-    if dist is not None:
-        correct = dist.sum([correct])[0]
-    return correct / len(split)

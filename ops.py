@@ -1,6 +1,7 @@
 """The building blocks of the dynamics: the activations σ, their exact differences
 σ(a + d) − σ(a) and the softmax's (the nudged phases run on such differences, docs/precision.md),
-and the CPU matmul kernel choice (`linear`: oneDNN where it runs, probed per dtype)."""
+the CPU matmul kernel choice (`linear`: oneDNN where it runs, probed per dtype), and the units:
+how each kind of layer's state follows its pre-activation (σ, the Hopfield retrieval)."""
 import os
 from typing import Optional
 
@@ -150,3 +151,58 @@ def linear(x, w, b=None, add=None):
         return _onednn_linear(x, w, b, add)
     out = F.linear(x, w, b)
     return out if add is None else out + add
+
+
+# ----------------------------------------------------------------------------- units
+# How a layer's state follows its pre-activation g = ∂Φ/∂s: `update` (the step), and around a
+# free state with pre-activation g0, `linearise` (what the nudged steps reuse) and `delta`,
+# the exact change F(g0 + dg) − F(g0) without forming g0 + dg (docs/precision.md).
+class HopfieldUnits:
+    """P stacked projection states [B, P, L, D]: the modern-Hopfield retrieval
+    s0 = softmax(γ·g·Kᵀ)·K over the keys K = ctx["keys"]."""
+
+    def __init__(self, P, L, D, gamma):
+        self.shape, self.gamma = (P, L, D), gamma
+
+    def zeros(self, B, **kw):
+        return torch.zeros(B, *self.shape, **kw)
+
+    def attention(self, g, keys):
+        return torch.softmax(self.gamma * (g.view(-1, *self.shape) @ keys.transpose(-1, -2)), dim=-1)
+
+    def update(self, g, ctx):
+        return self.attention(g, ctx["keys"]) @ ctx["keys"]
+
+    def linearise(self, g0, ctx):
+        p0 = self.attention(g0, ctx["keys"])
+        return p0, p0 @ ctx["keys"]
+
+    def delta(self, g0, p0, dg, ctx):
+        keys = ctx["keys"]
+        return softmax_delta(p0, self.gamma * (dg.view(-1, *self.shape) @ keys.transpose(-1, -2))) @ keys
+
+    def flops(self, B):
+        P, L, D = self.shape
+        return 2 * (2 * B * P * L * L * D)  # logits and weighted sum
+
+
+class SigmaUnits:
+    """A fully connected layer [B, H] with s = σ(g)."""
+
+    def __init__(self, H, act):
+        self.H, self.act, self.act_delta = H, ACTIVATIONS[act], ACTIVATION_DELTAS[act]
+
+    def zeros(self, B, **kw):
+        return torch.zeros(B, self.H, **kw)
+
+    def update(self, g, ctx):
+        return self.act(g)
+
+    def linearise(self, g0, ctx):
+        return None, self.act(g0)
+
+    def delta(self, g0, aux, dg, ctx):
+        return self.act_delta(g0, dg)
+
+    def flops(self, B):
+        return 0

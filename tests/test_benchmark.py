@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+import loops
 import model_utils as mu
+import ops
 
 torch.set_num_threads(2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +63,24 @@ def test_benchmark_bad_values_exit_2_with_one_line(flags, capsys):
     assert len(err.strip().splitlines()) == 1 and "error" in err
 
 
+@pytest.mark.parametrize("bad", [["--T", "0"], ["--K", "-2"], ["--batch_size", "0"], ["--tol", "0"],
+                                 ["--anderson", "-1"], ["--fc_layers", "10", "3"], ["--betas", "0.5", "0.5"],
+                                 ["--alg", "BPTT", "--T", "5", "--K", "9"], ["--alg", "BPTT", "--tol", "1e-3"],
+                                 ["--thirdphase", "--betas", "0", "0"], ["--estimator", "one-sided-negative",
+                                                                         "--betas", "0.5", "-0.5"]])
+def test_main_and_benchmark_refuse_a_bad_value_with_the_same_message(bad, tiny_imdb, capsys):
+    """One validator per flag (flags.py): both tools print the same error for the same value."""
+    import benchmark
+    import main
+    from test_main import base_args
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(bad)
+    bench_err = capsys.readouterr().err.strip().removeprefix("benchmark.py: error: ")
+    assert main.main(base_args(tiny_imdb, *bad)) == 2
+    main_err = capsys.readouterr().err.strip()
+    assert bench_err in main_err and len(main_err.splitlines()) == 1, (bench_err, main_err)
+
+
 def tiny(dataset, dtype, L=4, D=5, B=3):
     torch.manual_seed(0)
     model = mu.EPNet(dataset, L, D, [7, 2] if dataset == "IMDB" else [7, 3], "my_hard_sig").to(dtype)
@@ -98,9 +118,9 @@ def test_ep_gradients_fast_equal_reference():
 def test_linear_matches_f_linear_with_fused_add():
     torch.manual_seed(0)
     x, w, b, add = torch.randn(5, 40), torch.randn(30, 40), torch.randn(30), torch.randn(5, 30)
-    torch.testing.assert_close(mu.linear(x, w, b, add), torch.nn.functional.linear(x, w, b) + add)
-    torch.testing.assert_close(mu.linear(x, w.t().t()), x @ w.t())
-    torch.testing.assert_close(mu.linear(x[:, ::2], w[:, ::2]), x[:, ::2] @ w[:, ::2].t())  # strided
+    torch.testing.assert_close(ops.linear(x, w, b, add), torch.nn.functional.linear(x, w, b) + add)
+    torch.testing.assert_close(ops.linear(x, w.t().t()), x @ w.t())
+    torch.testing.assert_close(ops.linear(x[:, ::2], w[:, ::2]), x[:, ::2] @ w[:, ::2].t())  # strided
 
 
 @pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
@@ -115,7 +135,7 @@ def test_bf16_dynamics_stay_close_to_float32(dataset):
     for a, b in zip(grads[torch.bfloat16], grads[None]):
         assert (a - b).norm() <= 0.1 * b.norm()
     emb, ids = x.reshape(-1, x.shape[-1]), torch.arange(x[..., 0].numel()).view(x.shape[:-1])
-    preds = [mu.predict_outputs(model, ids, emb, 20, 4, free_dtype=dt) for dt in (None, torch.bfloat16)]
+    preds = [loops.predict_outputs(model, ids, emb, 20, 4, free_dtype=dt) for dt in (None, torch.bfloat16)]
     torch.testing.assert_close(preds[1], preds[0], rtol=0.05, atol=0.03)
 
 

@@ -83,13 +83,13 @@ def test_failure_on_one_rank_stops_both_with_the_error(tiny_imdb):
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 sys.argv[0] = {str(ROOT / 'main.py')!r}
-import main, model_utils
-real = model_utils.train_epoch
+import main, loops
+real = loops.train_epoch
 def train_epoch(*args, **kw):
     if os.environ["RANK"] == "1" and kw.get("desc") == "epoch 2":
         raise RuntimeError("injected failure on rank 1")
     return real(*args, **kw)
-model_utils.train_epoch = train_epoch
+loops.train_epoch = train_epoch
 sys.exit(main.main())
 """)
     res = torchrun(base_args(tiny_imdb, "--epochs", "3", "--save", "--results-dir", str(tmp / "run"),

@@ -7,6 +7,7 @@ import torch
 
 import fixed_point as fp
 import model_utils as mu
+import ops
 from test_model_utils import converged_problem, random_state, rel_err, tiny
 
 torch.set_num_threads(2)
@@ -95,13 +96,13 @@ def test_sweep_delta_step_is_the_sweep_step_on_offsets(dataset):
     got = model.delta_step_fc(d, setup, keys, torch.tensor(beta, dtype=x.dtype), nudge)
     # the same sweep written on the states: projections from s1, then FC layers top-down
     s = [a + b for a, b in zip(s0, d)]
-    _, W, b = model._split(None)
-    new = [model.retrieve(model._grad_projection(s[1], drive), keys)] + list(s[1:])
+    W, b = [l.weight for l in model.fc], [l.bias for l in model.fc]
+    new = [model.retrieve(drive + (s[1] @ W[0]).view_as(drive), keys)] + list(s[1:])
     n = len(s) - 1
     for k in range(n, 0, -1):
         g = new[k - 1].flatten(1) @ W[k - 1].t() + b[k - 1]
         g = g + new[k + 1] @ W[k] if k < n else g + beta * (mu.one_hot(y, s[k]) - s[k])
-        new[k] = model.act(g)
+        new[k] = ops.ACTIVATIONS[model.act_name](g)
     for a, want, base in zip(got, new, s0):
         torch.testing.assert_close(a, want - base, rtol=1e-9, atol=1e-12)
 

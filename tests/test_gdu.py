@@ -13,8 +13,8 @@ import model_utils as mu
 
 torch.set_num_threads(2)
 
-METRIC_KEYS = {"rel_rmse_one_sided", "rel_rmse_symmetric",
-               "sign_agreement_one_sided", "sign_agreement_symmetric"}
+METRIC_KEYS = {f"{kind}_{curve}" for kind in ("rel_rmse", "sign_agreement")
+               for curve in ("one_sided", "one_sided_negative", "symmetric")}
 
 
 def tiny(dataset, act="my_sigmoid", scale=1.0, B=3, seed=0):
@@ -37,7 +37,7 @@ def converged(dataset):
 @pytest.fixture(scope="module", params=["IMDB", "SNLI"])
 def converged_check(request):
     model, x, y = converged(request.param)
-    result = gdu.gdu_check(model, x, y, T=80, K=15, beta=1e-3, thirdphase=True)
+    result = gdu.gdu_check(model, x, y, T=80, K=15, beta=1e-3, estimator="symmetric")
     return model, result, gdu.gdu_metrics(result)
 
 
@@ -93,7 +93,7 @@ def truncated_bptt(model, x, y, T, k):
 def test_linear_time_bptt_equals_truncated_runs(dataset):
     model, x, y = tiny(dataset, act="my_sigmoid")  # not converged: the identity holds anyway
     T, K = 12, 6
-    result = gdu.gdu_check(model, x, y, T, K, beta=0.01, thirdphase=False)
+    result = gdu.gdu_check(model, x, y, T, K, beta=0.01, estimator="one-sided")
     pnames, snames = model.param_names(), gdu.neuron_names(model)
     for k in range(1, K + 1):
         theta, pre = truncated_bptt(model, x, y, T, k)
@@ -178,10 +178,10 @@ def test_run_gducheck_writes_metrics_and_plots(tmp_path, dataset, thirdphase):
                                log=lines.append)
     saved = json.loads((out / "gdu_metrics.json").read_text())
     assert saved == metrics
-    assert set(saved) == {"layers", "T", "K", "betas"}
+    assert set(saved) == {"layers", "T", "K", "betas", "estimator"}
     assert (saved["T"], saved["K"], saved["betas"]) == (40, 8, [0.0, 0.01])
     assert list(saved["layers"]) == model.param_names() + gdu.neuron_names(model)
-    expected = METRIC_KEYS if thirdphase else {k for k in METRIC_KEYS if "one_sided" in k}
+    expected = METRIC_KEYS if thirdphase else {k for k in METRIC_KEYS if k.endswith("_one_sided")}
     assert all(set(m) == expected for m in saved["layers"].values())
     text = "\n".join(lines)
     assert "free phase over T=40 steps" in text and "relRMSE" in text and "GDU conditions" in text
@@ -193,6 +193,23 @@ def test_run_gducheck_writes_metrics_and_plots(tmp_path, dataset, thirdphase):
     for name in pngs:
         assert (out / name).stat().st_size > 1000 and is_png(out / name)
     assert not list(out.glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("estimator", list(mu.ESTIMATORS))
+def test_every_estimator_has_its_curves_and_matches_bptt(estimator):
+    """The check runs the estimator's nudged phases (the same family as training), draws a
+    curve per phase and the estimator's own, and that curve matches BPTT at a fixed point."""
+    model, x, y = converged("IMDB")
+    result = gdu.gdu_check(model, x, y, T=80, K=15, beta=1e-3, estimator=estimator)
+    runs = {"one-sided": ["one-sided"], "one-sided-negative": ["one-sided-negative"],
+            "symmetric": list(gdu.CURVES)}[estimator]
+    assert gdu.curves_in(result) == runs and result["estimator"] == estimator
+    metrics = gdu.gdu_metrics(result)
+    suffix = gdu.CURVES[estimator][1]
+    for name, m in metrics["layers"].items():
+        assert m[f"rel_rmse_{suffix}"] < 0.05, (name, m)
+    assert f"relRMSE {dict(symmetric='sym').get(estimator, '+β' if estimator == 'one-sided' else '−β')}" \
+        in gdu.format_table(metrics)
 
 
 def test_run_gducheck_without_save_writes_only_json(tmp_path):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import loops
 import main
 import model_utils as mu
 from test_main import base_args
@@ -85,7 +86,7 @@ def test_gamma_defaults():
 def test_lrs_map_to_layers_projections_first():
     model = mu.EPNet("SNLI", 3, 4, [6, 5, 3])
     lrs = [1e-1, 2e-1, 3e-1, 4e-1, 5e-1, 6e-1, 7e-1]
-    opt = mu.make_optimizer(model, lrs)
+    opt = loops.make_optimizer(model, lrs)
     named = {id(p): n for n, p in model.named_parameters()}
     want = [["proj.0"], ["proj.1"], ["proj.2"], ["proj.3"], ["fc.0.weight", "fc.0.bias"],
             ["fc.1.weight", "fc.1.bias"], ["fc.2.weight", "fc.2.bias"]]

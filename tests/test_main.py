@@ -242,8 +242,9 @@ def test_gducheck_cli_writes_metrics_and_plots_and_check_thm_logs(tiny_imdb):
     out = next((tiny_imdb["tmp"] / "results" / "IMDB").glob("*/*_cpu_gducheck"))
     metrics = json.loads((out / "gdu_metrics.json").read_text())
     assert metrics["T"] == 30 and metrics["K"] == 8
-    assert set(metrics["layers"]["proj.0"]) == {"rel_rmse_one_sided", "rel_rmse_symmetric",
-                                                "sign_agreement_one_sided", "sign_agreement_symmetric"}
+    assert set(metrics["layers"]["proj.0"]) == {f"{kind}_{curve}" for kind in ("rel_rmse", "sign_agreement")
+                                                for curve in ("one_sided", "one_sided_negative", "symmetric")}
+    assert metrics["estimator"] == "symmetric"
     for png in ["gdu_summary.png", "convergence.png", "gdu_proj.0.png"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import devices
 import model_utils as mu
+import ops
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,20 +21,20 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("act", sorted(mu.ACTIVATIONS))
+@pytest.mark.parametrize("act", sorted(ops.ACTIVATIONS))
 def test_activation_delta_is_the_difference(act):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4000, generator=g, dtype=torch.float64) * 2 + 0.5
     d = torch.randn(4000, generator=g, dtype=torch.float64) * torch.logspace(-9, 0, 4000, dtype=torch.float64)
     a[:5] = torch.tensor([0.0, 1.0, 2.0, -0.3, 2.2], dtype=torch.float64)  # on and near the kinks
-    f = mu.ACTIVATIONS[act]
+    f = ops.ACTIVATIONS[act]
     exact = f(a + d) - f(a)
-    got = mu.ACTIVATION_DELTAS[act](a, d)
+    got = ops.ACTIVATION_DELTAS[act](a, d)
     torch.testing.assert_close(got, exact, rtol=1e-9, atol=1e-15)
     # float32: the difference keeps the relative precision of d (a + d would not)
-    got32 = mu.ACTIVATION_DELTAS[act](a.float(), d.float()).double()
+    got32 = ops.ACTIVATION_DELTAS[act](a.float(), d.float()).double()
     small = d.abs() < 1e-6
-    ref = mu.ACTIVATION_DELTAS[act](a.float().double(), d.float().double())
+    ref = ops.ACTIVATION_DELTAS[act](a.float().double(), d.float().double())
     assert ((got32 - ref).abs() <= 1e-5 * ref.abs() + 1e-30)[small].float().mean() > 0.99
 
 
@@ -42,7 +44,7 @@ def test_softmax_delta_is_the_difference_also_for_large_moves():
     for scale in (1e-8, 1e-3, 1.0, 100.0):
         ds = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * scale
         exact = torch.softmax(S0 + ds, -1) - torch.softmax(S0, -1)
-        got = mu.softmax_delta(torch.softmax(S0, -1), ds)
+        got = ops.softmax_delta(torch.softmax(S0, -1), ds)
         torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-13 * max(scale, 1.0))
 
 
@@ -110,7 +112,7 @@ def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B, device)
         model = mu.build_model(cfg)
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         model = model.to(device, dtype)
-        with mu.cuda_tf32(False):
+        with devices.cuda_tf32(False):
             mu.ep_gradients(model, vectors[ids].to(device, dtype), y.to(device), hyper["T"], hyper["K"],
                             tuple(hyper["betas"]), True)
         grads[dtype] = [p.grad for p in model.params()]

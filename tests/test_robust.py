@@ -8,8 +8,10 @@ import sys
 import pytest
 import torch
 
+import loops
 import main
 import model_utils as mu
+import ops
 from conftest import ROOT
 from test_main import base_args, weights
 from test_model_utils import synthetic_sequences
@@ -31,7 +33,7 @@ def test_bf16_trains_tests_and_predicts_through_main(tiny_imdb, no_onednn):
     proc = run_cli(base_args(tiny_imdb, "--epochs", "2", "--bf16", "--save", "--results-dir", str(run)), env)
     assert proc.returncode == 0, proc.stderr
     notices = [l for l in (proc.stdout + proc.stderr).splitlines() if "lacks oneDNN's bfloat16" in l]
-    assert len(notices) == (1 if no_onednn else 0) or torch.bfloat16 not in mu.ONEDNN_DTYPES
+    assert len(notices) == (1 if no_onednn else 0) or torch.bfloat16 not in ops.ONEDNN_DTYPES
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.7
     test = run_cli(["--execute", "test", "--load-path", str(run), "--data-dir", str(tiny_imdb["data"]),
@@ -42,15 +44,15 @@ def test_bf16_trains_tests_and_predicts_through_main(tiny_imdb, no_onednn):
 def test_linear_fallback_equals_onednn():
     x, w, b, add = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3), torch.randn(5, 3)
     want = x @ w.t() + b + add
-    torch.testing.assert_close(mu.linear(x, w, b, add), want, rtol=1e-5, atol=1e-5)
-    saved = set(mu.ONEDNN_DTYPES)
+    torch.testing.assert_close(ops.linear(x, w, b, add), want, rtol=1e-5, atol=1e-5)
+    saved = set(ops.ONEDNN_DTYPES)
     try:
-        mu.ONEDNN_DTYPES.clear()
-        torch.testing.assert_close(mu.linear(x, w, b, add), want, rtol=1e-5, atol=1e-5)
-        y = mu.linear(x.bfloat16(), w.bfloat16(), None, add.bfloat16())
+        ops.ONEDNN_DTYPES.clear()
+        torch.testing.assert_close(ops.linear(x, w, b, add), want, rtol=1e-5, atol=1e-5)
+        y = ops.linear(x.bfloat16(), w.bfloat16(), None, add.bfloat16())
         assert y.dtype == torch.bfloat16
     finally:
-        mu.ONEDNN_DTYPES.update(saved)
+        ops.ONEDNN_DTYPES.update(saved)
 
 
 def test_compile_through_main_with_check_thm(tiny_imdb):
@@ -73,12 +75,12 @@ def test_compiled_steps_do_not_recompile_per_beta_or_batch_size(monkeypatch):
     train, test = synthetic_sequences(230, seed=1), synthetic_sequences(97, seed=2)
     emb = torch.randn(8, 4)
     model = mu.EPNet("IMDB", 6, 4, [16, 2]).compile_step()
-    opt = mu.make_optimizer(model, [0.005] * 3)
+    opt = loops.make_optimizer(model, [0.005] * 3)
     hp = {"alg": "EP", "T": 6, "K": 3, "betas": (0.0, 0.2), "thirdphase": True, "batch_size": 20, "tol": None}
     for epoch in range(2):
-        mu.train_epoch(model, opt, train, emb, hp, torch.Generator().manual_seed(epoch))
-        mu.evaluate(model, test, emb, 6, 30)
-        mu.evaluate(model, train, emb, 6, 30)
+        loops.train_epoch(model, opt, train, emb, hp, torch.Generator().manual_seed(epoch))
+        loops.evaluate(model, test, emb, 6, 30)
+        loops.evaluate(model, train, emb, 6, 30)
     graphs = counters["stats"]["unique_graphs"]
     assert 2 <= graphs <= 6, dict(counters["stats"])
     assert graphs < torch._dynamo.config.recompile_limit
@@ -99,7 +101,7 @@ def test_resume_of_a_run_saved_with_cuda_rng_state(tiny_imdb):
 
 
 def test_dead_initial_network_is_refused_before_any_file(tiny_imdb, capsys, monkeypatch):
-    monkeypatch.setitem(mu.ACTIVATION_CENTRE, "my_hard_sig", -10.0)  # every output unit starts flat
+    monkeypatch.setitem(ops.ACTIVATION_CENTRE, "my_hard_sig", -10.0)  # every output unit starts flat
     run = tiny_imdb["tmp"] / "run"
     assert main.main(base_args(tiny_imdb, "--act", "my_hard_sig", "--epochs", "1", "--save",
                                "--results-dir", str(run))) == 3
@@ -109,20 +111,20 @@ def test_dead_initial_network_is_refused_before_any_file(tiny_imdb, capsys, monk
 
 
 def test_network_that_dies_in_training_stops_naming_the_layer(tiny_imdb, capsys, monkeypatch):
-    real = mu.train_epoch
+    real = loops.train_epoch
 
     def dies(model, *a, **k):  # an update that pushes the output layer onto the flat part
         out = real(model, *a, **k)
         with torch.no_grad():
             model.fc[-1].bias.fill_(-50.0)
-        return {**out, "dead": mu.dead_layers(mu.flat_units(model, _free_state(model)))}
+        return {**out, "dead": loops.dead_layers(mu.flat_units(model, _free_state(model)))}
 
     def _free_state(model):
         x = torch.rand(4, model.P * model.L, model.D)[:, None].squeeze(1)
         drive, keys = model.precompute(x)
         return mu.relax(model, model.init_states(4), drive, keys, 5)[0]
 
-    monkeypatch.setattr(mu, "train_epoch", dies)
+    monkeypatch.setattr(loops, "train_epoch", dies)
     run = tiny_imdb["tmp"] / "run"
     assert main.main(base_args(tiny_imdb, "--act", "my_hard_sig", "--epochs", "3", "--save",
                                "--results-dir", str(run))) == 3
@@ -136,9 +138,9 @@ def test_train_epoch_reports_layers_flat_for_the_whole_epoch():
     model = mu.EPNet("IMDB", 6, 4, [8, 2], "my_hard_sig")
     with torch.no_grad():
         model.fc[1].bias.fill_(-20.0)
-    opt = mu.make_optimizer(model, [1e-3] * 3)
+    opt = loops.make_optimizer(model, [1e-3] * 3)
     hp = {"alg": "EP", "T": 6, "K": 3, "betas": (0.0, 0.2), "thirdphase": True, "batch_size": 20, "tol": None}
-    stats = mu.train_epoch(model, opt, train, torch.randn(8, 4), hp, torch.Generator().manual_seed(0))
+    stats = loops.train_epoch(model, opt, train, torch.randn(8, 4), hp, torch.Generator().manual_seed(0))
     assert stats["dead"] == [1]
     assert all(p.grad.abs().max() == 0 for p in model.fc[1].parameters())  # nothing to learn from
 
@@ -147,7 +149,7 @@ def test_centred_init_starts_the_output_layer_on_the_working_range():
     torch.manual_seed(0)
     model = mu.EPNet("IMDB", 8, 6, [64, 2], "my_hard_sig")
     x = torch.randn(50, 8, 6)
-    assert mu.initial_dead_layers(model, x, 20) == []
+    assert loops.initial_dead_layers(model, x, 20) == []
     drive, keys = model.precompute(x)
     s, _ = mu.relax(model, model.init_states(50), drive, keys, 20)
     assert not mu.flat_units(model, s)[-1].any()  # no output unit starts flat
@@ -216,7 +218,7 @@ def test_weight_decay_shrinks_weights_not_biases_records_and_resumes_exactly(tin
     import main
     from test_main import base_args, weights
     model = mu.EPNet("IMDB", 4, 5, [6, 2])
-    opt = mu.make_optimizer(model, [0.1, 0.1, 0.1], weight_decay=0.5)
+    opt = loops.make_optimizer(model, [0.1, 0.1, 0.1], weight_decay=0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model_utils as mu  # noqa: E402
+import ops  # noqa: E402
 import registry  # noqa: E402
 
 
@@ -37,16 +38,16 @@ def emulated_tf32(enabled):
         yield
         return
     mm, lin, ein = torch.Tensor.__matmul__, torch.nn.functional.linear, torch.einsum
-    onednn = set(mu.ONEDNN_DTYPES)
+    onednn = set(ops.ONEDNN_DTYPES)
     torch.Tensor.__matmul__ = lambda a, b: mm(to_tf32(a), to_tf32(b))
     torch.nn.functional.linear = lambda x, w, b=None: lin(to_tf32(x), to_tf32(w), b)
     torch.einsum = lambda eq, *ops: ein(eq, *[to_tf32(o) for o in ops])
-    mu.ONEDNN_DTYPES.clear()  # route mu.linear through F.linear
+    ops.ONEDNN_DTYPES.clear()  # route ops.linear through F.linear
     try:
         yield
     finally:
         torch.Tensor.__matmul__, torch.nn.functional.linear, torch.einsum = mm, lin, ein
-        mu.ONEDNN_DTYPES.update(onednn)
+        ops.ONEDNN_DTYPES.update(onednn)
 
 
 def ep_gradient(ckpt, x, y, dtype, tf32):
@@ -56,7 +57,7 @@ def ep_gradient(ckpt, x, y, dtype, tf32):
     model = model.to(dtype)
     args = (model, x.to(dtype), y, h["T"], h["K"], tuple(h["betas"]), True)
     if tf32 == "free":  # main.py's CUDA policy: only the free phase in TF32
-        real, mu.cuda_tf32 = mu.cuda_tf32, emulated_tf32
+        real, mu.cuda_tf32 = mu.cuda_tf32, emulated_tf32  # the name ep_gradients calls
         try:
             mu.ep_gradients(*args, free_tf32=True)
         finally:

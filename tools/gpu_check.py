@@ -117,6 +117,7 @@ def real_snli_batch(args, B):
 
 def section_precision(args):
     import torch
+    import devices
     import model_utils as mu
     dev = torch.device(args.torch_device)
     ckpt = torch.load(os.path.join(SNLI_RUN, "best_model.pt"), map_location="cpu", weights_only=True)
@@ -135,7 +136,7 @@ def section_precision(args):
         model = mu.build_model(ckpt["config"]["model"])
         model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
         model = model.to(dev, dtype)
-        with mu.cuda_tf32(tf32 == "all"):
+        with devices.cuda_tf32(tf32 == "all"):
             mu.ep_gradients(model, x.to(dev, dtype), y.to(dev), h["T"], h["K"], tuple(h["betas"]), True,
                             free_dtype=free_dtype, free_tf32=tf32 == "free")
         return model.param_names(), [p.grad.double().cpu() for p in model.params()]
