@@ -81,11 +81,8 @@ def positive(kind):
     return parse
 
 
-def parse_args(argv=None):
-    p = Parser(description="Time EP/BPTT training steps (random inputs, or a trained run's real data "
-               "with --load-path) against the original dynamics; prints one JSON line.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+def add_flags(a):
+    """benchmark.py's flags (main.py's names where they mean the same)."""
     a("--dataset", choices=registry.names(), default="IMDB", help="architecture and input shape")
     a("--seqLen", type=int, help="tokens per sequence (IMDB 100, SNLI 25)")
     a("--embed-dim", type=positive(int), default=300, help="word-vector size D")
@@ -126,6 +123,13 @@ def parse_args(argv=None):
     a("--roofline", action="store_true", help="also time torch.matmul of the step's shapes")
     a("--threads", type=positive(int), help="torch threads (default: torch's choice)")
     a("--seed", type=int, default=0, help="seed of the weights and random inputs")
+
+
+def parse_args(argv=None):
+    p = Parser(description="Time EP/BPTT training steps (random inputs, or a trained run's real data "
+               "with --load-path) against the original dynamics; prints one JSON line.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(p.add_argument)
     args = p.parse_args(argv)
     args.data = load_run(args, p) if args.load_path else None
     for key, value in defaults(args.dataset).items():
@@ -151,14 +155,15 @@ def parse_args(argv=None):
 def load_run(args, parser):
     """--load-path: the run's trained weights, architecture and training split (as main.py's
     `test` loads them). Sets the architecture flags; returns dict(state, split, embeddings)."""
-    import main as cli
+    import data_utils
+    import runs
     try:
-        run = cli.build_parser().parse_args(["--load-path", args.load_path, "--data-dir", args.data_dir]
-                                            + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
+        run = flags.build_parser().parse_args(["--load-path", args.load_path, "--data-dir", args.data_dir]
+                                              + (["--cache-dir", args.cache_dir] if args.cache_dir else []))
         log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-        ckpt, path = cli.load_for_eval(run, log)
-        data = cli.load_data(run, log)
-    except (cli.UsageError, cli.data_utils.DataError) as e:
+        ckpt, path = flags.load_for_eval(run, log)
+        data = data_utils.load_for_run(run, log)
+    except (runs.UsageError, data_utils.DataError) as e:
         parser.error(str(e))
     arch = ckpt["config"]["model"]
     given = {"seqLen": args.seqLen, "fc_layers": args.fc_layers}
@@ -167,7 +172,7 @@ def load_run(args, parser):
     for flag, value in given.items():
         if value is not None and value != getattr(args, flag):
             parser.error(f"--{flag} {value} conflicts with the run's model ({getattr(args, flag)})")
-    return {"state": cli.restore_model(ckpt, path).state_dict(), "split": data.train,
+    return {"state": runs.restore_model(ckpt, path).state_dict(), "split": data.train,
             "embeddings": data.embeddings,
             "order": torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))}
 
@@ -336,44 +341,16 @@ def main(argv=None):
             return 2
         if notice:
             print(notice, file=sys.stderr)
-    model = mu.EPNet(args.dataset, args.seqLen, args.embed_dim, args.fc_layers, args.act,
-                     getattr(args, "gamma", None))
-    if args.data is not None:
-        model.load_state_dict(args.data["state"])
-    model = model.to(device, dtype)
-    if args.compile:
-        model.compile_step()
-    devices.set_cuda_tf32(args.tf32 == "all")
-    opt = loops.make_optimizer(model, [1e-5] * model.n_synapse_layers)
-    gen = torch.Generator().manual_seed(args.seed)
+    model = build(args, device, dtype)
     modes = [False, True] if args.compare else [args.reference]
     roof = Roofline(model, args, device, dtype) if args.roofline else None
     base = rss_mb() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2 ** 20
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     load = os.getloadavg()[0]
-    runs = {mode: [] for mode in modes}
-    for i in range(args.batches + 1):  # batch 0 warms up
-        for mode in modes:
-            x, y = random_batch(model, args, device, dtype, gen)
-            run = train_step(model, opt, x, y, args, mode)
-            if i > 0:
-                runs[mode].append(run)
-        if roof is not None:
-            roof.sweep()
-    out = summarize(model, args, runs[modes[0]])
-    out.update({"peak_mem_mb": peak_mb(device), "base_mem_mb": base,
-                "dtype": "bfloat16 free phase" if args.bf16 else args.dtype, "device": str(device),
-                "threads": torch.get_num_threads(), "alg": args.alg,
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-                "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
-                "anderson": args.anderson, "tol_nudged": args.tol_nudged,
-                "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
-                "inputs": f"training data of {args.load_path}" if args.data else "random",
-                "batch_size": args.batch_size, "batches": args.batches,
-                "step_gflop": step_flops(model, args.batch_size) / 1e9,
-                "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)],
-                "roofline_gflops": None, "roofline_fraction": None})
+    gen = torch.Generator().manual_seed(args.seed)
+    runs = time_batches(model, args, device, dtype, gen, modes, roof)
+    out = report(model, args, device, runs[modes[0]], base, load)
     if args.bf16:
         out["bf16_grad_rel_err"] = bf16_fidelity(model, args, device, dtype, gen)
     if args.compare:
@@ -386,6 +363,53 @@ def main(argv=None):
         if args.compare:
             out["reference"]["roofline_fraction"] = out["reference"]["gflops"] / roof.gflops("matmul")
     print(json.dumps(rounded(out)))
+
+
+def build(args, device, dtype):
+    """The model to time: random weights, or the run's (--load-path), compiled with --compile."""
+    model = mu.EPNet(args.dataset, args.seqLen, args.embed_dim, args.fc_layers, args.act,
+                     getattr(args, "gamma", None))
+    if args.data is not None:
+        model.load_state_dict(args.data["state"])
+    model = model.to(device, dtype)
+    if args.compile:
+        model.compile_step()
+    devices.set_cuda_tf32(args.tf32 == "all")
+    return model
+
+
+def time_batches(model, args, device, dtype, gen, modes, roof):
+    """One warm-up and --batches timed training steps per mode (fast path False, reference True),
+    the modes alternating batch by batch; roofline sweeps in between. {mode: [step infos]}."""
+    opt = loops.make_optimizer(model, [1e-5] * model.n_synapse_layers)
+    runs = {mode: [] for mode in modes}
+    for i in range(args.batches + 1):  # batch 0 warms up
+        for mode in modes:
+            x, y = random_batch(model, args, device, dtype, gen)
+            run = train_step(model, opt, x, y, args, mode)
+            if i > 0:
+                runs[mode].append(run)
+        if roof is not None:
+            roof.sweep()
+    return runs
+
+
+def report(model, args, device, runs, base, load):
+    """The JSON record of the timed run (before the comparison and roofline fields)."""
+    out = summarize(model, args, runs)
+    out.update({"peak_mem_mb": peak_mb(device), "base_mem_mb": base,
+                "dtype": "bfloat16 free phase" if args.bf16 else args.dtype, "device": str(device),
+                "threads": torch.get_num_threads(), "alg": args.alg, "estimator": args.estimator,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
+                "anderson": args.anderson, "tol_nudged": args.tol_nudged,
+                "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
+                "inputs": f"training data of {args.load_path}" if args.data else "random",
+                "batch_size": args.batch_size, "batches": args.batches,
+                "step_gflop": step_flops(model, args.batch_size) / 1e9,
+                "loadavg": [round(load, 2), round(os.getloadavg()[0], 2)],
+                "roofline_gflops": None, "roofline_fraction": None})
+    return out
 
 
 def rounded(d):

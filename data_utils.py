@@ -221,36 +221,79 @@ def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seq
     return Path(out)
 
 
+# The data flags' rules (flags.py applies them with the others; `load_data` on its own too).
+def _seq_len_rule(args):
+    v = getattr(args, 'seqLen', None)
+    bad = v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)
+    return f'--seqLen must be positive, got {v}' if bad else None
+
+
+def _val_split_rule(args):
+    v = getattr(args, 'val_split', None)
+    return f'--val-split must be in [0, 1), got {v}' if v is not None and not 0.0 <= float(v) < 1.0 else None
+
+
+def _subsample_rule(args):
+    for name in ('max_train', 'max_test'):
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            return f"--{name.replace('_', '-')} must be a positive integer, got {v}"
+    return None
+
+
+def _tokenize_rule(args):
+    v = getattr(args, 'tokenize', None)
+    return f"--tokenize must be one of {', '.join(RULES)}, got {v!r}" if v is not None and v not in RULES else None
+
+
+DATA_RULES = [_seq_len_rule, _val_split_rule, _subsample_rule, _tokenize_rule]
+
+
 def load_data(args, log=print) -> Data:
-    """Locate, clean, tokenize, embed-index and cache args.dataset; returns ids, labels and vectors."""
+    """Locate, clean, tokenize, embed-index and cache args.dataset; returns ids, labels and vectors.
+    args: the command line's flags (dataset, seqLen, data_dir, cache_dir, embeddings, tokenize,
+    val_split, max_train, max_test, splits, imdb_source, trust_pickle; unset ones take defaults)."""
     t0 = time.time()
+    for rule in DATA_RULES:
+        if rule(args):
+            raise DataError(rule(args))
     dataset = dataset_name(_arg(args, 'dataset', ''))
     seq_len = _arg(args, 'seqLen', registry.get(dataset).seq_len)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise DataError(f'--seqLen must be a positive integer (got {seq_len!r})')
-    val_split = float(_arg(args, 'val_split', 0.05))
-    if not 0.0 <= val_split < 1.0:
-        raise DataError(f'--val-split must be in [0, 1) (got {val_split})')
-    max_train, max_test = _arg(args, 'max_train'), _arg(args, 'max_test')
-    for flag, v in (('--max-train', max_train), ('--max-test', max_test)):
-        if v is not None and v <= 0:
-            raise DataError(f'{flag} must be a positive integer (got {v})')
     data_dir = Path(_arg(args, 'data_dir', './data')).expanduser()
     cache_dir = Path(_arg(args, 'cache_dir', os.environ.get(CACHE_ENV) or '~/.cache/seqlearn-ep')).expanduser()
-
     only = _arg(args, 'splits')   # e.g. ['test']: read and tokenize only these splits
     source = _find_source(dataset, data_dir, cache_dir, _arg(args, 'imdb_source', 'auto'), log, only)
     for w in source.warnings:
         log(w)
     emb = resolve_embeddings(_arg(args, 'embeddings', 'auto'), log, bool(_arg(args, 'trust_pickle', False)))
-
     rule = _arg(args, 'tokenize', 'paper')
-    if rule not in RULES:
-        raise DataError(f"--tokenize must be one of {', '.join(RULES)} (got {rule!r})")
+    prepared, cache = _prepared_data(dataset, source, emb, cache_dir, only, rule, seq_len, log)
+    oov = prepared['oov']['all']
+    log(f'{dataset}: {oov["oov_tokens"]:,} of {oov["tokens"]:,} tokens ({oov["rate"]:.2%}) have no vector in '
+        f'{emb.identity["name"]} and were dropped ({oov["oov_types"]:,} of {oov["types"]:,} word types)')
+    subsample = {'max_train': _arg(args, 'max_train'), 'max_test': _arg(args, 'max_test')}
+    (train, val, test), val_info, full = _splits(prepared, only, float(_arg(args, 'val_split', 0.05)), **subsample)
+    info = {
+        'dataset': dataset, 'seq_len': seq_len, 'n_classes': registry.get(dataset).n_classes, 'tokenize': rule,
+        'source': {'kind': source.kind, **source.info},
+        'embeddings': {**emb.identity, 'dim': int(prepared['embeddings'].shape[1]),
+                       'fingerprint': stable_hash(emb.identity)},
+        'vocab_size': len(prepared['vocab']), 'embed_dim': int(prepared['embeddings'].shape[1]),
+        'oov': prepared['oov'], 'lengths': prepared['lengths'],
+        'splits': {'train': len(train), 'val': len(val), 'test': len(test)},
+        'splits_before_subsampling': full, 'subsample': {**subsample, 'seed': SPLIT_SEED},
+        'val': val_info, 'cache': cache, 'warnings': list(source.warnings),
+        'seconds': round(time.time() - t0, 2),
+    }
+    return Data(train, val, test, prepared['embeddings'], prepared['vocab'], registry.get(dataset).n_classes, seq_len, info)
+
+
+def _prepared_data(dataset, source, emb, cache_dir, only, rule, seq_len, log):
+    """Ids, labels, vocabulary and embedding matrix of a dataset: from the prepared cache, or built
+    from the (cached) tokens and the word vectors and then cached. Returns (prepared, cache info)."""
     tokens_key, tokens_path = _tokens_key_path(dataset, source, cache_dir, only, rule)
     prepared_key = stable_hash([PREPARED_VERSION, tokens_key, emb.identity, seq_len])
     prepared_path = cache_dir / 'prepared' / f'{dataset}-{prepared_key}-L{seq_len}.pt'
-
     prepared = load_cache(prepared_path, log)
     hit = prepared is not None
     if hit:
@@ -263,11 +306,14 @@ def load_data(args, log=print) -> Data:
         del tokens, vectors
         prepared['version'] = PREPARED_VERSION
         save_cache(prepared, prepared_path, log)
+    return prepared, {'dir': str(cache_dir.resolve()), 'tokens': str(tokens_path), 'prepared': str(prepared_path),
+                      'hit': hit}
 
-    oov = prepared['oov']['all']
-    log(f'{dataset}: {oov["oov_tokens"]:,} of {oov["tokens"]:,} tokens ({oov["rate"]:.2%}) have no vector in '
-        f'{emb.identity["name"]} and were dropped ({oov["oov_types"]:,} of {oov["types"]:,} word types)')
 
+def _splits(prepared, only, val_split, max_train=None, max_test=None):
+    """(train, val, test), how val was made, and the split sizes before subsampling: the official
+    dev split where there is one, else a stratified carve of `val_split` of train; then the
+    stratified subsamples --max-train and --max-test (of val and test)."""
     splits = {k: Split(v['ids'], v['labels']) for k, v in prepared['splits'].items()}
     test = splits['test']
     train = splits.get('train', Split(test.ids[:0], test.labels[:0]))
@@ -288,24 +334,23 @@ def load_data(args, log=print) -> Data:
             val = _subset(val, stratified_pick(val.labels, count=max_test))
         if max_test < len(test):
             test = _subset(test, stratified_pick(test.labels, count=max_test))
+    return (train, val, test), val_info, full
 
-    info = {
-        'dataset': dataset, 'seq_len': seq_len, 'n_classes': registry.get(dataset).n_classes, 'tokenize': rule,
-        'source': {'kind': source.kind, **source.info},
-        'embeddings': {**emb.identity, 'dim': int(prepared['embeddings'].shape[1]),
-                       'fingerprint': stable_hash(emb.identity)},
-        'vocab_size': len(prepared['vocab']), 'embed_dim': int(prepared['embeddings'].shape[1]),
-        'oov': prepared['oov'], 'lengths': prepared['lengths'],
-        'splits': {'train': len(train), 'val': len(val), 'test': len(test)},
-        'splits_before_subsampling': full,
-        'subsample': {'max_train': max_train, 'max_test': max_test, 'seed': SPLIT_SEED},
-        'val': val_info,
-        'cache': {'dir': str(cache_dir.resolve()), 'tokens': str(tokens_path), 'prepared': str(prepared_path),
-                  'hit': hit},
-        'warnings': list(source.warnings),
-        'seconds': round(time.time() - t0, 2),
-    }
-    return Data(train, val, test, prepared['embeddings'], prepared['vocab'], registry.get(dataset).n_classes, seq_len, info)
+
+def load_for_run(args, log):
+    """`load_data` for main.py's modes: evaluation modes read only the test split; under torchrun
+    rank 0 prepares (and caches) the data first. Word vectors are kept at float16 precision so
+    that every run folder can ship the exact vectors it was trained with (embeddings.npz) and be
+    re-evaluated bit for bit."""
+    dist = getattr(args, "dist", None)
+    if dist is not None and not dist.main:
+        dist.barrier()
+    args.splits = ["test"] if args.execute in ("test", "export", "gducheck") else None
+    data = load_data(args, log=log)
+    if dist is not None and dist.main:
+        dist.barrier()
+    data.embeddings = data.embeddings.half().float()
+    return data
 
 
 def encode_texts(texts, vocab, dataset, seq_len, rule='paper') -> torch.Tensor:

@@ -1,13 +1,27 @@
-"""One validator per flag value, shared by main.py and benchmark.py.
+"""The command line: the flags, how each is resolved (explicit > the loaded run's > the dataset's
+paper defaults), and one validator per flag value, shared by main.py and benchmark.py.
 
-Each rule reads the parsed flags (an argparse Namespace; flags a tool does not have are
-skipped) and returns the one-line error for a bad value, or None. `problems(args)` lists them
-in order; each tool turns the first into its own usage error (exit code 2).
+`build_parser` holds the original tool's flags and this tool's. `resolve` fills the unset ones;
+`load_for_eval` resolves them against a stored run. Each rule of `RULES` reads the parsed flags
+(an argparse Namespace; flags a tool does not have are skipped) and returns the one-line error
+for a bad value, or None; `validate` (main.py) and benchmark.py turn the first into their usage
+error (exit code 2).
 """
+import argparse
+
+import data_utils
+import gdu
+import model_utils as mu
+import ops
 import registry
+from runs import UsageError, find_checkpoint, load_checkpoint, run_embeddings
 
 SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")  # the fixed-point options (EP only)
 FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2}  # what --fast turns on (docs/speed.md)
+# Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
+HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
+         "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
+         "warm_start", "weight_decay"]
 
 
 def _get(args, name):
@@ -93,7 +107,7 @@ def bf16_dtype(args):
     return None
 
 
-RULES = [positive("seqLen"), fc_layers, positive("T"), positive("K"), positive("batch_size"),
+RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positive("batch_size"),
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype]
@@ -102,3 +116,202 @@ RULES = [positive("seqLen"), fc_layers, positive("T"), positive("K"), positive("
 def problems(args):
     """The error of every rule that fails, in RULES order."""
     return [msg for msg in (rule(args) for rule in RULES) if msg]
+
+
+# ----------------------------------------------------------------------------- the parser
+def build_parser():
+    """The command line: the original tool's flags and this tool's, in groups."""
+    p = argparse.ArgumentParser(
+        description="Sequence learning with Equilibrium Propagation (convergent RNN + modern Hopfield layers).")
+    for group in (_model_flags, _learning_flags, _solver_flags, _run_flags, _predict_flags):
+        group(p.add_argument)
+    data_utils.add_data_args(p)
+    gdu.add_gdu_args(p)
+    return p
+
+
+def _model_flags(a):
+    a("--dataset", choices=registry.names(), help="dataset (default IMDB, or the loaded run's)")
+    a("--fc_layers", "--fc_layer", type=int, nargs="+", help="fully connected sizes, last = classes "
+      "(default IMDB: 1000 40 2, SNLI: 400 3)")
+    a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
+    a("--act", choices=sorted(ops.ACTIVATIONS), help="activation σ (default my_hard_sig)")
+    a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
+    a("--init", choices=ops.INITS, help="initial output biases: centred (default: at the middle of "
+      "σ's working range, so no output unit starts on a flat part) or torch (nn.Linear's, zero-centred)")
+
+
+def _learning_flags(a):
+    a("--execute", choices=["train", "test", "gducheck", "predict", "export"], default="train",
+      help="train, test a stored model, GDU check, predict texts, or export a run for sharing")
+    a("--alg", choices=["EP", "BPTT"], help="learning algorithm (default EP)")
+    a("--T", type=int, help="free-phase steps (default IMDB 50, SNLI 60)")
+    a("--K", type=int, help="nudged-phase steps (EP) / backpropagated steps (BPTT) (default T/2)")
+    a("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
+      help="β of the free and nudged phases (default IMDB 0 0.1, SNLI 0 0.5)")
+    a("--thirdphase", action="store_true", default=None,
+      help="three-phase EP: nudge with +β2 and −β2 (symmetric estimate)")
+    a("--estimator", choices=list(mu.ESTIMATORS),
+      help="EP estimate: one-sided (the +β2 state against the free state), one-sided-negative (the "
+           "free state against −β2), symmetric (+β2 against −β2, what --thirdphase selects); default "
+           "one-sided, or symmetric with --thirdphase")
+    a("--lrs", type=float, nargs="+", help="one learning rate per synapse layer, projections first")
+    a("--lr-decay", dest="lr_decay", action="store_true", default=None,
+      help="cosine annealing of the learning rates (T_max 100 epochs, eta_min 1e-5)")
+    a("--epochs", type=int, help="training epochs (default 50)")
+    a("--weight-decay", dest="weight_decay", type=float,
+      help="decoupled weight decay (AdamW) of the weight matrices, biases excluded (default 0: Adam)")
+    a("--batch_size", type=int, help="batch size (default IMDB 100, SNLI 200)")
+    a("--seed", type=int, help="random seed (default 0)")
+
+
+def _solver_flags(a):
+    a("--tol", type=float, help="stop a phase early when the largest relative state change "
+      "falls below this (default off: always T and K steps)")
+    a("--fast", action="store_true", default=None,
+      help="EP: fewer steps to the same fixed points, the combination measured best: "
+           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 (T and K become caps; add --compile for "
+           "fused steps); explicit flags override its parts")
+    a("--anderson", type=int, metavar="M", help="Anderson mixing of the last M iterates in every "
+      "phase (on the FC states, projections retrieved first); 0 = plain synchronous steps (default)")
+    a("--tol-nudged", dest="tol_nudged", type=float,
+      help="EP: run the +β and −β phases as one batch and stop both once δ = s − s0 changes by "
+           "less than this, relative to itself (default off: K steps, or --tol's rule)")
+    a("--warm-start", dest="warm_start", action="store_true", default=None,
+      help="EP training: start each sample's free phase at its last free fixed point (FC part, "
+           "float16, kept in memory), needs --tol to save steps")
+
+
+def _run_flags(a):
+    a("--dtype", choices=["float32", "float64"], help="dtype of model and dynamics (default float32)")
+    a("--bf16", action="store_true", default=None,
+      help="EP: run the free phase and evaluation in bfloat16 (CPUs with AVX512-BF16, CUDA); "
+           "nudged phases and Hebbian updates stay in --dtype")
+    a("--compile", action="store_true",
+      help="torch.compile the step of the dynamics (train and test; first batches pay the compile)")
+    a("--bptt-checkpoint", dest="bptt_checkpoint", type=int, default=0, metavar="C",
+      help="BPTT: activation checkpointing, recompute the K recorded steps in segments of C "
+           "during backprop (memory ~ K/C + C steps instead of K; default 0 = off)")
+    a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
+    a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
+    a("--no-tf32", dest="tf32", action="store_false",
+      help="CUDA: no TF32 at all (default: the free phase of training, which only finds the "
+           "starting point, uses TF32 matmuls; nudged phases, the Hebbian estimate, BPTT's "
+           "recorded steps, evaluation, export, predict and the GDU check always use full float32)")
+    a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
+    a("--results-dir", dest="results_dir",
+      help="run folder (default results/<dataset>/<date>/<time>_<cpu|cudaN>/)")
+    a("--overwrite", action="store_true", help="allow reusing a run folder that holds a run")
+    a("--dist-timeout", dest="dist_timeout", type=float, default=1800,
+      help="torchrun: seconds a rank waits for the others before failing (default 1800)")
+    a("--test-every", dest="test_every", type=int,
+      help="evaluate on the test set every N epochs (default 1; 0 = only at the end)")
+    a("--check-thm", dest="check_thm", action="store_true",
+      help="run the GDU check on a few training samples after every epoch and log it")
+    a("--weights-dtype", dest="weights_dtype", choices=["float32", "float16", "bfloat16"],
+      default="float16", help="export: precision the weights are stored in (default float16)")
+
+
+def _predict_flags(a):
+    a("--text", nargs="+", help="predict: texts to classify (IMDB)")
+    a("--premise", help="predict: SNLI premise")
+    a("--hypothesis", help="predict: SNLI hypothesis")
+    a("--input-file", dest="input_file",
+      help="predict: one text per line (SNLI: premise<TAB>hypothesis)")
+
+
+def resolve(args, saved=None):
+    """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
+    saved = saved or {}
+    args.lrs_given = args.lrs is not None
+    args.given = {k for k in ("thirdphase", "estimator", "betas", "tol", "bf16") + SOLVER_FLAGS
+                  if getattr(args, k, None) is not None}
+    arch = saved.get("model", {})
+    if args.dataset is None:
+        args.dataset = arch.get("dataset", "IMDB")
+    elif arch and arch["dataset"] != args.dataset:
+        raise UsageError(f"--dataset {args.dataset} does not match the loaded model, "
+                         f"which was trained on {arch['dataset']}")
+    d = registry.get(args.dataset).paper  # the paper's configuration (the original README)
+    if arch:  # architecture always comes from the checkpoint
+        for flag, key in [("fc_layers", "fc_layers"), ("seqLen", "seq_len"), ("act", "act"),
+                          ("gamma", "gamma")]:
+            given = getattr(args, flag)
+            if given is not None and given != arch[key]:
+                raise UsageError(f"--{flag} {given} conflicts with the loaded model ({arch[key]}); "
+                                 f"drop the flag to use the stored architecture")
+            setattr(args, flag, arch[key])
+    info = saved.get("data", {})  # the data options of a loaded run, unless given again
+    if getattr(args, "val_split", None) is None and info.get("val", {}).get("fraction") is not None:
+        args.val_split = info["val"]["fraction"]
+    if getattr(args, "tokenize", None) is None and info.get("tokenize"):
+        args.tokenize = info["tokenize"]  # a run is evaluated with the tokens it was trained on
+    for key in ("max_train", "max_test"):  # a resumed run keeps its subsamples; test uses all
+        if getattr(args, key, None) is None and args.execute == "train":
+            setattr(args, key, info.get("subsample", {}).get(key))
+    hyper = saved.get("hyper", {})
+    if args.fast:  # its parts, where not given explicitly
+        for key, value in FAST.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
+                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "weight_decay": 0.0,
+                "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
+                "init": "torch" if hyper and "init" not in hyper else "centred",
+                **{k: v for k, v in d.items() if k != "lrs"}}
+    for key in HYPER + ["fc_layers", "seqLen", "act"]:
+        if getattr(args, key, None) is None:
+            setattr(args, key, hyper.get(key, fallback.get(key)))
+    if args.estimator is None or "thirdphase" in args.given and "estimator" not in args.given:
+        explicit = "thirdphase" in args.given or not hyper.get("estimator")
+        args.estimator = mu.estimator_name(bool(args.thirdphase)) if explicit else hyper["estimator"]
+    args.thirdphase = args.estimator == "symmetric"  # the original's flag, as the GDU check reads it
+    if args.K is None:
+        args.K = max(1, args.T // 2)
+    if args.lrs is None and args.fc_layers == d["fc_layers"]:
+        args.lrs = d["lrs"]
+    elif args.lrs is None and args.execute == "train":  # other modes use no learning rate
+        raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
+                         f"give {len(registry.get(args.dataset).projections) + len(args.fc_layers)} "
+                         f"learning rates (projections first)")
+    args.betas = list(args.betas)
+    return args
+
+
+def validate(args):
+    """Clear one-line errors for every bad flag value (exit code 2): the shared rules of
+    `flags.py`, then those of the modes."""
+    bad = problems(args)
+    if bad:
+        raise UsageError(bad[0])
+    for flag in ("bf16", "tol"):
+        if args.execute == "gducheck" and flag in getattr(args, "given", set()):
+            raise UsageError(f"--{flag} does not apply to gducheck: the theorem is about the plain fixed-T "
+                             f"steps, in --gdu-dtype")
+
+
+def unused_flags(args):
+    """Flags of the other algorithm, accepted so that one command switches by --alg alone."""
+    if args.execute == "gducheck":  # the theorem is about the plain synchronous steps
+        return [f"--{f.replace('_', '-')}" for f in SOLVER_FLAGS if f in getattr(args, "given", set())]
+    if args.execute != "train":
+        return []
+    if args.alg == "BPTT":
+        return [f"--{f}" for f in ("thirdphase", "estimator", "betas") if f in getattr(args, "given", set())]
+    return ["--bptt-checkpoint"] if args.bptt_checkpoint > 0 else []
+
+
+def hyper_of(args):
+    return {k: getattr(args, k) for k in HYPER}
+
+
+def load_for_eval(args, log):
+    """The checkpoint to evaluate and its path; flags resolved against its config, and
+    --embeddings auto pointed at the run folder's embeddings.npz when there is one."""
+    path = find_checkpoint(args.load_path, ["best_model.pt", "final_model.pt", "checkpoint.pt"])
+    ckpt = load_checkpoint(path)
+    resolve(args, ckpt["config"])
+    validate(args)
+    if args.embeddings == "auto" and run_embeddings(args.load_path):
+        args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
+    return ckpt, path

@@ -170,10 +170,7 @@ def gdu_check(model, x, y, T, K, beta, estimator="symmetric", dtype=torch.float6
     device = next(model.parameters()).device
     x, y = x.to(device=device, dtype=dtype), y.to(device)
 
-    gen = torch.Generator().manual_seed(seed)
-    entries = [None if max_entries is None or p.numel() <= max_entries else
-               torch.randperm(p.numel(), generator=gen)[:max_entries].sort().values.to(device)
-               for p in model.params()]
+    entries = _followed_entries(model, max_entries, seed, device)
     s0, bptt_theta, bptt_pre, bptt_state = _free_phase_with_graph(model, x, y, T, K, entries)
     with torch.no_grad():
         drive, keys = model.precompute(x)
@@ -191,15 +188,30 @@ def gdu_check(model, x, y, T, K, beta, estimator="symmetric", dtype=torch.float6
         "betas": [0.0, float(beta)], "estimator": est, "thirdphase": est == "symmetric",
         "dtype": str(dtype).replace("torch.", ""), "batch_size": int(x.shape[0]),
     }
-    a, b = mu.ESTIMATORS[est]
-    for sg in (a, b):
-        if sg:
-            result[CURVES[PHASE_CURVE[sg]][0]] = as_dict(*_nudged_increments(model, x, y, s0, K, sg * beta, entries))
-    key = CURVES[est][0]
-    if key not in result:  # a two-phase estimator: its curve from the one-sided ones
-        ea, eb = result[CURVES[PHASE_CURVE[a]][0]], result[CURVES[PHASE_CURVE[b]][0]]
-        result[key] = {n: (a * ea[n] - b * eb[n]) / (a - b) for n in names}
+    result.update(_ep_curves(model, x, y, s0, K, beta, est, entries, as_dict))
     return result
+
+
+def _followed_entries(model, max_entries, seed, device):
+    """Per parameter, the flat indices of at most max_entries entries (a fixed random subset
+    drawn with seed), or None to follow all of them."""
+    gen = torch.Generator().manual_seed(seed)
+    return [None if max_entries is None or p.numel() <= max_entries else
+            torch.randperm(p.numel(), generator=gen)[:max_entries].sort().values.to(device)
+            for p in model.params()]
+
+
+def _ep_curves(model, x, y, s0, K, beta, est, entries, as_dict):
+    """The EP curves of estimator `est`: one per nudged phase it runs (+β: ep_pos, −β: ep_neg),
+    and a two-phase estimator's own, (a·EP_a − b·EP_b)/(a − b) for its pair (a, b)."""
+    a, b = mu.ESTIMATORS[est]
+    out = {CURVES[PHASE_CURVE[sg]][0]: as_dict(*_nudged_increments(model, x, y, s0, K, sg * beta, entries))
+           for sg in (a, b) if sg}
+    key = CURVES[est][0]
+    if key not in out:
+        ea, eb = out[CURVES[PHASE_CURVE[a]][0]], out[CURVES[PHASE_CURVE[b]][0]]
+        out[key] = {n: (a * ea[n] - b * eb[n]) / (a - b) for n in ea}
+    return out
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -5,8 +5,6 @@
 
 Flags follow the original tool's README; see README.md for the full table.
 """
-import argparse
-import json
 import math
 import os
 import signal
@@ -27,193 +25,20 @@ import data_utils
 import devices
 import dist_utils
 import fixed_point
-import flags
 import gdu
 import loops
 import model_utils as mu
 import ops
 import registry
 import runs
-from data_io import save_json, save_torch, write_atomic
+from data_io import save_json, save_torch
+from data_utils import load_for_run as load_data
+from export import export
+from flags import build_parser, hyper_of, load_for_eval, resolve, unused_flags, validate
 from runs import (CHECKPOINT_FORMAT, UsageError, abandon_run_dir, command_line, default_run_dir,
                   deferred_sigint, find_checkpoint, load_checkpoint, model_only, new_history,
                   prepare_run_dir, restore_model, run_embeddings, save_epoch, seed_everything,
-                  set_rng_state)
-
-# Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
-HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
-         "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "weight_decay"]
-# --fast: the combination measured best (docs/speed.md, "Fewer steps"); explicit flags override it
-FAST = flags.FAST
-SOLVER_FLAGS = flags.SOLVER_FLAGS
-
-
-# ----------------------------------------------------------------------------- arguments
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="Sequence learning with Equilibrium Propagation (convergent RNN + modern Hopfield layers).")
-    a = p.add_argument
-    a("--dataset", choices=registry.names(), help="dataset (default IMDB, or the loaded run's)")
-    a("--fc_layers", "--fc_layer", type=int, nargs="+", help="fully connected sizes, last = classes "
-      "(default IMDB: 1000 40 2, SNLI: 400 3)")
-    a("--seqLen", type=int, help="tokens per sequence (default IMDB 600, SNLI 25)")
-    a("--act", choices=sorted(ops.ACTIVATIONS), help="activation σ (default my_hard_sig)")
-    a("--gamma", type=float, help="Hopfield attention scale γ (default 1/sqrt(D) for IMDB, 0.16 for SNLI)")
-    a("--init", choices=ops.INITS, help="initial output biases: centred (default: at the middle of "
-      "σ's working range, so no output unit starts on a flat part) or torch (nn.Linear's, zero-centred)")
-    a("--execute", choices=["train", "test", "gducheck", "predict", "export"], default="train",
-      help="train, test a stored model, GDU check, predict texts, or export a run for sharing")
-    a("--alg", choices=["EP", "BPTT"], help="learning algorithm (default EP)")
-    a("--T", type=int, help="free-phase steps (default IMDB 50, SNLI 60)")
-    a("--K", type=int, help="nudged-phase steps (EP) / backpropagated steps (BPTT) (default T/2)")
-    a("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
-      help="β of the free and nudged phases (default IMDB 0 0.1, SNLI 0 0.5)")
-    a("--thirdphase", action="store_true", default=None,
-      help="three-phase EP: nudge with +β2 and −β2 (symmetric estimate)")
-    a("--estimator", choices=list(mu.ESTIMATORS),
-      help="EP estimate: one-sided (the +β2 state against the free state), one-sided-negative (the "
-           "free state against −β2), symmetric (+β2 against −β2, what --thirdphase selects); default "
-           "one-sided, or symmetric with --thirdphase")
-    a("--lrs", type=float, nargs="+", help="one learning rate per synapse layer, projections first")
-    a("--lr-decay", dest="lr_decay", action="store_true", default=None,
-      help="cosine annealing of the learning rates (T_max 100 epochs, eta_min 1e-5)")
-    a("--epochs", type=int, help="training epochs (default 50)")
-    a("--weight-decay", dest="weight_decay", type=float,
-      help="decoupled weight decay (AdamW) of the weight matrices, biases excluded (default 0: Adam)")
-    a("--batch_size", type=int, help="batch size (default IMDB 100, SNLI 200)")
-    a("--seed", type=int, help="random seed (default 0)")
-    a("--tol", type=float, help="stop a phase early when the largest relative state change "
-      "falls below this (default off: always T and K steps)")
-    a("--fast", action="store_true", default=None,
-      help="EP: fewer steps to the same fixed points, the combination measured best: "
-           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 (T and K become caps; add --compile for "
-           "fused steps); explicit flags override its parts")
-    a("--anderson", type=int, metavar="M", help="Anderson mixing of the last M iterates in every "
-      "phase (on the FC states, projections retrieved first); 0 = plain synchronous steps (default)")
-    a("--tol-nudged", dest="tol_nudged", type=float,
-      help="EP: run the +β and −β phases as one batch and stop both once δ = s − s0 changes by "
-           "less than this, relative to itself (default off: K steps, or --tol's rule)")
-    a("--warm-start", dest="warm_start", action="store_true", default=None,
-      help="EP training: start each sample's free phase at its last free fixed point (FC part, "
-           "float16, kept in memory), needs --tol to save steps")
-    a("--dtype", choices=["float32", "float64"], help="dtype of model and dynamics (default float32)")
-    a("--bf16", action="store_true", default=None,
-      help="EP: run the free phase and evaluation in bfloat16 (CPUs with AVX512-BF16, CUDA); "
-           "nudged phases and Hebbian updates stay in --dtype")
-    a("--compile", action="store_true",
-      help="torch.compile the step of the dynamics (train and test; first batches pay the compile)")
-    a("--bptt-checkpoint", dest="bptt_checkpoint", type=int, default=0, metavar="C",
-      help="BPTT: activation checkpointing, recompute the K recorded steps in segments of C "
-           "during backprop (memory ~ K/C + C steps instead of K; default 0 = off)")
-    a("--load-path", dest="load_path", help="run folder (or .pt file) to resume, test or check")
-    a("--device", type=int, help="CUDA device index (CPU when CUDA is unavailable)")
-    a("--no-tf32", dest="tf32", action="store_false",
-      help="CUDA: no TF32 at all (default: the free phase of training, which only finds the "
-           "starting point, uses TF32 matmuls; nudged phases, the Hebbian estimate, BPTT's "
-           "recorded steps, evaluation, export, predict and the GDU check always use full float32)")
-    a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
-    a("--results-dir", dest="results_dir",
-      help="run folder (default results/<dataset>/<date>/<time>_<cpu|cudaN>/)")
-    a("--overwrite", action="store_true", help="allow reusing a run folder that holds a run")
-    a("--dist-timeout", dest="dist_timeout", type=float, default=1800,
-      help="torchrun: seconds a rank waits for the others before failing (default 1800)")
-    a("--test-every", dest="test_every", type=int,
-      help="evaluate on the test set every N epochs (default 1; 0 = only at the end)")
-    a("--check-thm", dest="check_thm", action="store_true",
-      help="run the GDU check on a few training samples after every epoch and log it")
-    a("--weights-dtype", dest="weights_dtype", choices=["float32", "float16", "bfloat16"],
-      default="float16", help="export: precision the weights are stored in (default float16)")
-    a("--text", nargs="+", help="predict: texts to classify (IMDB)")
-    a("--premise", help="predict: SNLI premise")
-    a("--hypothesis", help="predict: SNLI hypothesis")
-    a("--input-file", dest="input_file",
-      help="predict: one text per line (SNLI: premise<TAB>hypothesis)")
-    data_utils.add_data_args(p)
-    gdu.add_gdu_args(p)
-    return p
-
-
-def resolve(args, saved=None):
-    """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
-    saved = saved or {}
-    args.lrs_given = args.lrs is not None
-    args.given = {k for k in ("thirdphase", "estimator", "betas", "tol", "bf16") + SOLVER_FLAGS
-                  if getattr(args, k, None) is not None}
-    arch = saved.get("model", {})
-    if args.dataset is None:
-        args.dataset = arch.get("dataset", "IMDB")
-    elif arch and arch["dataset"] != args.dataset:
-        raise UsageError(f"--dataset {args.dataset} does not match the loaded model, "
-                         f"which was trained on {arch['dataset']}")
-    d = registry.get(args.dataset).paper  # the paper's configuration (the original README)
-    if arch:  # architecture always comes from the checkpoint
-        for flag, key in [("fc_layers", "fc_layers"), ("seqLen", "seq_len"), ("act", "act"),
-                          ("gamma", "gamma")]:
-            given = getattr(args, flag)
-            if given is not None and given != arch[key]:
-                raise UsageError(f"--{flag} {given} conflicts with the loaded model ({arch[key]}); "
-                                 f"drop the flag to use the stored architecture")
-            setattr(args, flag, arch[key])
-    info = saved.get("data", {})  # the data options of a loaded run, unless given again
-    if getattr(args, "val_split", None) is None and info.get("val", {}).get("fraction") is not None:
-        args.val_split = info["val"]["fraction"]
-    if getattr(args, "tokenize", None) is None and info.get("tokenize"):
-        args.tokenize = info["tokenize"]  # a run is evaluated with the tokens it was trained on
-    for key in ("max_train", "max_test"):  # a resumed run keeps its subsamples; test uses all
-        if getattr(args, key, None) is None and args.execute == "train":
-            setattr(args, key, info.get("subsample", {}).get(key))
-    hyper = saved.get("hyper", {})
-    if args.fast:  # its parts, where not given explicitly
-        for key, value in FAST.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
-                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "weight_decay": 0.0,
-                "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
-                "init": "torch" if hyper and "init" not in hyper else "centred",
-                **{k: v for k, v in d.items() if k != "lrs"}}
-    for key in HYPER + ["fc_layers", "seqLen", "act"]:
-        if getattr(args, key, None) is None:
-            setattr(args, key, hyper.get(key, fallback.get(key)))
-    if args.estimator is None or "thirdphase" in args.given and "estimator" not in args.given:
-        explicit = "thirdphase" in args.given or not hyper.get("estimator")
-        args.estimator = mu.estimator_name(bool(args.thirdphase)) if explicit else hyper["estimator"]
-    args.thirdphase = args.estimator == "symmetric"  # the original's flag, as the GDU check reads it
-    if args.K is None:
-        args.K = max(1, args.T // 2)
-    if args.lrs is None and args.fc_layers == d["fc_layers"]:
-        args.lrs = d["lrs"]
-    elif args.lrs is None and args.execute == "train":  # other modes use no learning rate
-        raise UsageError(f"--lrs is required for --fc_layers {' '.join(map(str, args.fc_layers))}: "
-                         f"give {len(registry.get(args.dataset).projections) + len(args.fc_layers)} "
-                         f"learning rates (projections first)")
-    args.betas = list(args.betas)
-    return args
-
-
-def validate(args):
-    """Clear one-line errors for every bad flag value (exit code 2): the shared rules of
-    `flags.py`, then those of the modes."""
-    bad = flags.problems(args)
-    if bad:
-        raise UsageError(bad[0])
-    for flag in ("bf16", "tol"):
-        if args.execute == "gducheck" and flag in getattr(args, "given", set()):
-            raise UsageError(f"--{flag} does not apply to gducheck: the theorem is about the plain fixed-T "
-                             f"steps, in --gdu-dtype")
-
-
-def unused_flags(args):
-    """Flags of the other algorithm, accepted so that one command switches by --alg alone."""
-    if args.execute == "gducheck":  # the theorem is about the plain synchronous steps
-        return [f"--{f.replace('_', '-')}" for f in SOLVER_FLAGS if f in getattr(args, "given", set())]
-    if args.execute != "train":
-        return []
-    if args.alg == "BPTT":
-        return [f"--{f}" for f in ("thirdphase", "estimator", "betas") if f in getattr(args, "given", set())]
-    return ["--bptt-checkpoint"] if args.bptt_checkpoint > 0 else []
-
+                  set_rng_state, test_accuracy)
 
 def warn_memory(args, embed_dim, log):
     """Estimate the first FC layer's size (weights + Adam + gradient) and warn when it won't fit."""
@@ -231,26 +56,6 @@ def warn_memory(args, embed_dim, log):
             f"{nbytes / 2**30:.1f} GiB with its gradient and Adam state, more than this "
             f"device's {total / 2**30:.1f} GiB: lower --seqLen or --fc_layers")
 
-
-
-# ----------------------------------------------------------------------------- data
-def load_data(args, log):
-    dist = getattr(args, "dist", None)
-    if dist is not None and not dist.main:
-        dist.barrier()  # under torchrun rank 0 prepares (and caches) the data first
-    # evaluation modes read and tokenize only the test split
-    args.splits = ["test"] if args.execute in ("test", "export", "gducheck") else None
-    data = data_utils.load_data(args, log=log)
-    if dist is not None and dist.main:
-        dist.barrier()
-    # Word vectors are kept at float16 precision so that every run folder can ship the
-    # exact vectors it was trained with (embeddings.npz) and be re-evaluated bit for bit.
-    data.embeddings = data.embeddings.half().float()
-    return data
-
-
-def hyper_of(args):
-    return {k: getattr(args, k) for k in HYPER}
 
 
 # ----------------------------------------------------------------------------- train
@@ -549,18 +354,6 @@ def check_theorem(model, split, embeddings, args, epoch, log):
 
 
 # ----------------------------------------------------------------------------- test / gducheck / predict
-def load_for_eval(args, log):
-    """The checkpoint to evaluate and its path; flags resolved against its config, and
-    --embeddings auto pointed at the run folder's embeddings.npz when there is one."""
-    path = find_checkpoint(args.load_path, ["best_model.pt", "final_model.pt", "checkpoint.pt"])
-    ckpt = load_checkpoint(path)
-    resolve(args, ckpt["config"])
-    validate(args)
-    if args.embeddings == "auto" and run_embeddings(args.load_path):
-        args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
-    return ckpt, path
-
-
 def test(args, log):
     if args.load_path is None:
         raise UsageError("--execute test needs --load-path (a run folder or checkpoint file)")
@@ -573,17 +366,6 @@ def test(args, log):
     log(f"test accuracy {acc:.4f} ({round(acc * len(data.test))}/{len(data.test)} correct, "
         f"T={args.T}{used}, {path})")
     return 0
-
-
-def test_accuracy(args, ckpt, path, data, stats=None):
-    """Accuracy of a checkpoint's weights on data.test with the evaluation flags (--T,
-    --batch_size, --tol, --bf16, --dtype), sharded across ranks under torchrun."""
-    model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
-    if args.compile:
-        model.compile_step()
-    return loops.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
-                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats,
-                       anderson=args.anderson)
 
 
 def gducheck(args, log):
@@ -657,77 +439,6 @@ def print_predictions(texts, out, known, dataset, log, width=300):
                 f"{' in one sentence' if len(counts) > 1 else ''}: its label mostly reflects the network's bias")
     log("scores: the output neurons after the free phase (trained towards one-hot targets; "
         "not probabilities, they need not sum to 1)")
-
-
-def export(args, log):
-    """Pack a run for sharing (e.g. into saved_models/): its best weights stored in
-    --weights-dtype, its word vectors, curves and command, and the test accuracy of exactly
-    the stored weights, measured now with the evaluation flags given (--T, --batch_size, --tol),
-    which become the stored defaults so that `--execute test` on the export reproduces it."""
-    if args.load_path is None or not os.path.isdir(args.load_path):
-        raise UsageError("--execute export needs --load-path RUN_FOLDER (a folder written by --save)")
-    if not args.results_dir:
-        raise UsageError("--execute export needs --results-dir OUT_FOLDER")
-    out = args.results_dir
-    if os.path.abspath(out) == os.path.abspath(args.load_path):
-        raise UsageError("--results-dir must differ from --load-path")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        raise UsageError(f"{out} is not empty: choose another --results-dir or pass --overwrite")
-    ckpt, path = load_for_eval(args, log)
-    emb_path = run_embeddings(args.load_path)
-    if emb_path is None:
-        raise UsageError(f"{args.load_path} has no embeddings.npz: the export needs the run's word vectors")
-    args.embeddings = emb_path
-    data = load_data(args, log)
-    wdtype = getattr(torch, args.weights_dtype)
-    state = {k: v.to(wdtype) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UsageError(f"weights {', '.join(bad)} overflow {args.weights_dtype}; export with "
-                         f"--weights-dtype bfloat16 or float32")
-    acc = test_accuracy(args, {**ckpt, "model": state}, path, data)
-    correct = round(acc * len(data.test))
-    run_metrics_path = os.path.join(args.load_path, "metrics.json")
-    try:
-        with open(run_metrics_path) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError):
-        metrics = dict(ckpt.get("history", {}))
-    info = {"from": os.path.relpath(path) if not os.path.relpath(path).startswith("..") else os.path.basename(path), "weights_dtype": args.weights_dtype, "epoch": ckpt.get("epoch"),
-            "eval": {"T": args.T, "batch_size": args.batch_size, "tol": args.tol, "bf16": args.bf16,
-                     "anderson": args.anderson},
-            "trained_with": {k: ckpt["config"]["hyper"].get(k) for k in ("T", "K", "batch_size", "tol", "bf16", "fast")},
-            "test_accuracy_before_export": metrics.get("test_accuracy"),
-            "command": command_line(args.argv)}
-    config = json.loads(json.dumps(ckpt["config"]))
-    config["hyper"].update(info["eval"])  # `--execute test` without flags evaluates as measured here
-    config["export"] = info
-    metrics.update({"test_accuracy": acc, "test_correct": correct, "test_samples": len(data.test),
-                    "export": info})
-    os.makedirs(out, exist_ok=True)
-    save_torch({"format": CHECKPOINT_FORMAT, "model": state, "config": config, "epoch": ckpt.get("epoch"),
-                "history": ckpt.get("history", {}), "best_val": ckpt.get("best_val")},
-               os.path.join(out, "best_model.pt"))
-    for name in ("embeddings.npz", "accuracy.png"):
-        src = os.path.join(args.load_path, name)
-        if os.path.isfile(src):
-            with open(src, "rb") as f:
-                blob = f.read()
-            write_atomic(os.path.join(out, name), lambda g: g.write(blob))
-    try:
-        with open(os.path.join(args.load_path, "command.txt")) as f:
-            commands = f.read()
-    except OSError:
-        commands = ""
-    write_atomic(os.path.join(out, "command.txt"),
-                 lambda g: g.write((commands + "# export\n" + command_line(args.argv) + "\n").encode()))
-    save_json(config, os.path.join(out, "config.json"))
-    save_json(metrics, os.path.join(out, "metrics.json"))
-    size = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)) / 2**20
-    log(f"exported {path} ({args.weights_dtype} weights) to {out} ({size:.1f} MB): test accuracy "
-        f"{acc:.4f} ({correct}/{len(data.test)} correct, T={args.T}); before export "
-        f"{info['test_accuracy_before_export']}")
-    return 0
 
 
 def read_predict_inputs(args):

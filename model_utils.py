@@ -591,45 +591,22 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     beta1, beta2 = betas
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
-    clock, ref = Clock(x.device), x if reference else None
+    clock = Clock(x.device)
     with torch.no_grad(), cuda_tf32(free_tf32):
-        drive, keys = model.precompute(x)
-        if free_dtype in (None, x.dtype):
-            p, dt = None, x.dtype
-        elif reference:
-            raise ValueError("the reference dynamics run in the model's dtype only")
-        else:
-            p, dt = [w.to(free_dtype) for w in model.params()], free_dtype
-        fdrive, fkeys = drive.to(dt), keys.to(dt)
-        init = model.init_states(x.shape[0], x.device, dt) if warm is None else \
-            model.warm_states([t.to(dt) for t in warm], fdrive, fkeys, p)
-        s0, n_free = relax(model, init, fdrive, fkeys, T, beta1, y, tol, p, x=ref, anderson=anderson)
-        s0 = [t.to(x.dtype) for t in s0]
+        s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm)
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
             drive, keys = model.precompute(x)
         check_finite(s0, "free")
         free_s = clock()
-        states, n_nudged = {0: s0}, 0
         if reference:  # the original: plain steps on the states, Hebbian from their difference
+            states, n_nudged = {0: s0}, 0
             for sg in signs:
-                states[sg], n = relax(model, s0, drive, keys, K, sg * beta2, y, tol, x=ref)
+                states[sg], n = relax(model, s0, drive, keys, K, sg * beta2, y, tol, x=x)
                 n_nudged += n
             diff = None
         else:
-            setup = model.nudged_setup(s0, drive, keys, beta1, y)
-            deltas = {0: [torch.zeros_like(t) for t in s0]}
-            if anderson or tol_nudged is not None:
-                ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs)
-                deltas.update(zip(signs, ds))
-                n_nudged = n * len(signs)
-            else:
-                for sg in signs:
-                    deltas[sg], n = relax_nudged(model, s0, setup, keys, K, sg * beta2, beta1, y, tol)
-                    n_nudged += n
-            for sg in signs:
-                states[sg] = [a + b for a, b in zip(s0, deltas[sg])]
-            diff = [a - b for a, b in zip(deltas[pair[0]], deltas[pair[1]])]
+            states, diff, n_nudged = nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol, anderson, tol_nudged)
         for sg in signs:
             check_finite(states[sg], f"nudged ({'+' if sg > 0 else '-'}beta)")
         nudged_s = clock()
@@ -638,6 +615,44 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
             prm.grad = h.div_(-scale)
     return s0[-1], {"free_steps": n_free, "nudged_steps": n_nudged, "flat": flat_units(model, s0),
                     "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": s0[1:]}
+
+
+def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None):
+    """The free phase of `ep_gradients` (its arguments), run in free_dtype on copies of the
+    weights when that differs from x's. Returns the free state s⁰ in x's dtype, the steps taken,
+    and the input drive and keys in x's dtype (`EPNet.precompute`)."""
+    drive, keys = model.precompute(x)
+    if free_dtype in (None, x.dtype):
+        p, dt = None, x.dtype
+    elif reference:
+        raise ValueError("the reference dynamics run in the model's dtype only")
+    else:
+        p, dt = [w.to(free_dtype) for w in model.params()], free_dtype
+    fdrive, fkeys = drive.to(dt), keys.to(dt)
+    init = model.init_states(x.shape[0], x.device, dt) if warm is None else \
+        model.warm_states([t.to(dt) for t in warm], fdrive, fkeys, p)
+    s0, n = relax(model, init, fdrive, fkeys, T, beta1, y, tol, p, x=x if reference else None, anderson=anderson)
+    return [t.to(x.dtype) for t in s0], n, drive, keys
+
+
+def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=0, tol_nudged=None):
+    """The nudged phases of an estimator `pair` (ESTIMATORS) from the free state s0, run on
+    offsets δ = s − s0: together with a solver (`relax_nudged_pair`), else one by one. Returns
+    ({sign: state}, the δ difference of the pair, steps over all phases)."""
+    beta1, beta2 = betas
+    signs = [sg for sg in pair if sg != 0]
+    setup = model.nudged_setup(s0, drive, keys, beta1, y)
+    deltas, n_nudged = {0: [torch.zeros_like(t) for t in s0]}, 0
+    if anderson or tol_nudged is not None:
+        ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs)
+        deltas.update(zip(signs, ds))
+        n_nudged = n * len(signs)
+    else:
+        for sg in signs:
+            deltas[sg], n = relax_nudged(model, s0, setup, keys, K, sg * beta2, beta1, y, tol)
+            n_nudged += n
+    states = {0: s0, **{sg: [a + b for a, b in zip(s0, deltas[sg])] for sg in signs}}
+    return states, [a - b for a, b in zip(deltas[pair[0]], deltas[pair[1]])], n_nudged
 
 
 def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import data_io
+import loops
 import model_utils as mu
 from data_io import save_json, save_torch, write_atomic
 
@@ -219,3 +220,14 @@ def deferred_sigint():
 def interrupt(signum, frame):
     """A SIGTERM handler: stop like Ctrl-C (a resumable run or nothing)."""
     raise KeyboardInterrupt
+
+
+def test_accuracy(args, ckpt, path, data, stats=None):
+    """Accuracy of a checkpoint's weights on data.test with the evaluation flags (--T,
+    --batch_size, --tol, --bf16, --dtype), sharded across ranks under torchrun."""
+    model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
+    if args.compile:
+        model.compile_step()
+    return loops.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
+                       args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats,
+                       anderson=args.anderson)

@@ -489,7 +489,7 @@ def no_cache_written(args):
 
 @pytest.mark.parametrize('seq_len', [0, -3])
 def test_bad_seq_len(imdb_dir, seq_len):
-    with pytest.raises(du.DataError, match=rf'--seqLen must be a positive integer \(got {seq_len}\)'):
+    with pytest.raises(du.DataError, match=rf'--seqLen must be positive, got {seq_len}'):
         du.load_data(make_args(imdb_dir, seqLen=seq_len), log=quiet)
 
 
