@@ -49,6 +49,26 @@ def write_vectors(path, words, dim=6, seed=0, header=True):
     return path
 
 
+def tiny_model(dataset, hidden=(7,), act="my_sigmoid", dtype=None, B=3, L=4, D=5, seed=0, scale=1.0):
+    """A tiny model of a registered dataset (L tokens, D-d vectors, FC `hidden` then the classes),
+    its weights scaled by `scale`, with a random batch x (B samples) and labels y: the one
+    fixture behind the engine's numerical tests. dtype: torch.float64 unless given."""
+    import torch
+    import model_utils as mu
+    import registry
+    dtype = dtype or torch.float64
+    torch.manual_seed(seed)
+    spec = registry.get(dataset)
+    model = mu.EPNet(dataset, L, D, list(hidden) + [spec.n_classes], act).to(dtype)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in model.params():
+                p.mul_(scale)
+    shape = (B, L, D) if spec.n_fields == 1 else (B, spec.n_fields, L, D)
+    x = torch.randn(*shape, dtype=dtype)
+    return model, x, torch.randint(0, model.n_classes, (B,))
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine"))]
 

@@ -10,6 +10,7 @@ import torch
 
 import loops
 import model_utils as mu
+from conftest import tiny_model
 import ops
 
 torch.set_num_threads(2)
@@ -82,10 +83,7 @@ def test_main_and_benchmark_refuse_a_bad_value_with_the_same_message(bad, tiny_i
 
 
 def tiny(dataset, dtype, L=4, D=5, B=3):
-    torch.manual_seed(0)
-    model = mu.EPNet(dataset, L, D, [7, 2] if dataset == "IMDB" else [7, 3], "my_hard_sig").to(dtype)
-    x = torch.randn((B, L, D) if dataset == "IMDB" else (B, 2, L, D), dtype=dtype)
-    return model, x, torch.randint(0, model.n_classes, (B,))
+    return tiny_model(dataset, (7,), "my_hard_sig", dtype, B=B, L=L, D=D)
 
 
 @pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])

@@ -10,6 +10,7 @@ import torch
 
 import gdu
 import model_utils as mu
+from conftest import tiny_model
 
 torch.set_num_threads(2)
 
@@ -19,14 +20,7 @@ METRIC_KEYS = {f"{kind}_{curve}" for kind in ("rel_rmse", "sign_agreement")
 
 def tiny(dataset, act="my_sigmoid", scale=1.0, B=3, seed=0):
     """A tiny float64 model of either architecture (L=4, D=5, one hidden layer of 7)."""
-    torch.manual_seed(seed)
-    model = mu.EPNet(dataset, 4, 5, [7, 2] if dataset == "IMDB" else [7, 3], act).double()
-    with torch.no_grad():
-        for p in model.params():
-            p.mul_(scale)
-    x = torch.randn(B, 4, 5) if dataset == "IMDB" else torch.randn(B, 2, 4, 5)
-    y = torch.randint(0, model.n_classes, (B,))
-    return model, x.double(), y
+    return tiny_model(dataset, (7,), act, B=B, seed=seed, scale=scale)
 
 
 def converged(dataset):

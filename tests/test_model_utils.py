@@ -4,19 +4,14 @@ import torch
 
 import loops
 import model_utils as mu
+from conftest import tiny_model
 import ops
 
 torch.set_num_threads(2)
 
 
 def tiny(dataset, L=4, D=5, fc=(7, 3), act="my_sigmoid", dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    fc = list(fc) if dataset == "SNLI" else list(fc[:-1]) + [2]
-    model = mu.EPNet(dataset, L, D, fc, act).to(dtype)
-    shape = (3, L, D) if dataset == "IMDB" else (3, 2, L, D)
-    x = torch.randn(*shape, dtype=dtype)
-    y = torch.randint(0, model.n_classes, (3,))
-    return model, x, y
+    return tiny_model(dataset, tuple(fc[:-1]), act, dtype, L=L, D=D, seed=seed)
 
 
 def random_state(model, B, dtype=torch.float64):

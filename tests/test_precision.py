@@ -11,6 +11,7 @@ import torch
 
 import devices
 import model_utils as mu
+from conftest import tiny_model
 import ops
 
 torch.set_num_threads(2)
@@ -49,11 +50,7 @@ def test_softmax_delta_is_the_difference_also_for_large_moves():
 
 
 def tiny(dataset, act, seed=0):
-    torch.manual_seed(seed)
-    fc = [7, 3] if dataset == "SNLI" else [7, 5, 2]
-    model = mu.EPNet(dataset, 4, 5, fc, act).double()
-    x = torch.randn(*((3, 4, 5) if dataset == "IMDB" else (3, 2, 4, 5)), dtype=torch.float64)
-    return model, x, torch.randint(0, model.n_classes, (3,))
+    return tiny_model(dataset, (7,) if dataset == "SNLI" else (7, 5), act, seed=seed)
 
 
 @pytest.mark.parametrize("dataset", ["IMDB", "SNLI"])
@@ -98,7 +95,7 @@ def load_shipped(name):
     return ckpt, torch.cat([torch.zeros(1, vectors.shape[1]), vectors])
 
 
-@pytest.mark.parametrize("name,B", [("test_SNLI_25_300", 16), ("test_IMDB_200_100", 8)])
+@pytest.mark.parametrize("name,B", [("test_SNLI_25_300", 16), ("test_IMDB_400_100", 8)])
 def test_float32_ep_estimate_matches_float64_on_a_trained_model(name, B, device):
     """A trained model's EP gradient in float32 is within 1e-5 (relative) of float64 on every layer."""
     ckpt, vectors = load_shipped(name)
