@@ -21,6 +21,7 @@ is a batch mean while EP's state increments are per sample). The plain state gra
 −B·∂ℓ/∂s_t are kept in the result too (`bptt_state_grads`). Parameters need no such care: the
 Hebbian term ∂Φ/∂θ is batch-averaged exactly like ℓ.
 """
+import copy
 import math
 import os
 
@@ -54,6 +55,17 @@ def neuron_names(model):
 
 
 # ----------------------------------------------------------------------------- the check
+def plain_copy(model, dtype=None):
+    """A deep copy (in `dtype` if given) that takes the plain, uncompiled steps: compiled
+    steps belong to the original's bound methods and dtype."""
+    compiled, model.compiled = model.compiled, {}
+    try:
+        new = copy.deepcopy(model)
+    finally:
+        model.compiled = compiled
+    return new if dtype is None else new.to(dtype)
+
+
 def _free_phase_with_graph(model, x, y, T, K, entries=None):
     """T−K free steps without a graph, then K recorded steps; one backward of ℓ(s_T) through
     them gives ∂ℓ/∂g_t and ∂ℓ/∂s_{t+1} of every recorded step (linear in K, no parameter copies).
@@ -165,7 +177,7 @@ def gdu_check(model, x, y, T, K, beta, estimator="symmetric", dtype=torch.float6
         raise ValueError("the GDU check needs a nonzero beta")
     est = mu.estimator_name(estimator)
     dtype = devices.DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = mu.plain_copy(model, dtype)  # the theorem is about the plain synchronous steps
+    model = plain_copy(model, dtype)  # the theorem is about the plain synchronous steps
     model.requires_grad_(False)
     device = next(model.parameters()).device
     x, y = x.to(device=device, dtype=dtype), y.to(device)
@@ -453,7 +465,7 @@ def convergence_trace(model, x, T, dtype=None):
     convergence measure, `relative_change(s_t, s_{t−1})` (largest relative change of any layer,
     as --tol uses it), delta = ‖s_t − s_{t−1}‖∞ over all layers, phi = mean Φ(s_t) of the batch."""
     if dtype is not None:  # a copy only to change dtype; model.step below is the plain step anyway
-        model = mu.plain_copy(model, devices.DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        model = plain_copy(model, devices.DTYPES[dtype] if isinstance(dtype, str) else dtype)
     p = next(model.parameters())
     x = x.to(device=p.device, dtype=p.dtype)
     drive, keys = model.precompute(x)

@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from devices import Clock
 from model_utils import DivergenceError, bptt_gradients, check_finite, ep_gradients, flat_units, relax
 
 
@@ -138,6 +139,17 @@ def check_grads_finite(model):
     for name, prm in model.named_parameters():
         if prm.grad is not None and not torch.isfinite(prm.grad).all():
             raise DivergenceError(f"non-finite gradient for parameter {name}")
+
+
+@torch.no_grad()
+def seconds_per_step(model, x):
+    """Wall time of one synchronous step of the dynamics on batch x (the second of two steps,
+    so that one-time allocation is not counted): the unit of every time estimate."""
+    drive, keys = model.precompute(x)
+    s = model.step(model.init_states(x.shape[0], x.device, x.dtype), drive, keys)
+    clock = Clock(x.device)
+    model.step(s, drive, keys)
+    return clock()
 
 
 # ----------------------------------------------------------------------------- dead layers

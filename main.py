@@ -321,7 +321,7 @@ def time_estimate(args, model, data, embeddings, epochs):
     step of the dynamics on a real batch; and a plain word when the job is GPU-scale."""
     B = min(args.batch_size, len(data.train))
     x = loops.embed(embeddings, data.train.ids[:B].to(embeddings.device), next(model.parameters()).dtype)
-    step = mu.seconds_per_step(model, x)
+    step = loops.seconds_per_step(model, x)
     world = args.dist.world if args.dist else 1
     # EP: T free + K (or 2K) nudged steps; BPTT: T forward steps + about 2 steps' work per backpropagated one
     train_steps = args.T + (args.K * (2 if args.thirdphase else 1) if args.alg == "EP" else 2 * args.K)

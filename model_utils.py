@@ -15,7 +15,6 @@ projection matrices U_j [D, D] (`proj.j`) and (W_k, b_k) of each dense layer fro
 (`fc.k`); `model.params()` returns them as a list `p` and every function below accepts such a
 list so that checks can pass per-step copies.
 """
-import copy
 import math
 import os
 
@@ -441,17 +440,6 @@ def flat_units(model, s):
     return [((t == flat[0]) | (t == flat[1])).all(0) for t in s[1:]]
 
 
-def plain_copy(model, dtype=None):
-    """A deep copy (in `dtype` if given) that takes the plain, uncompiled steps: compiled
-    steps belong to the original's bound methods and dtype."""
-    compiled, model.compiled = model.compiled, {}
-    try:
-        new = copy.deepcopy(model)
-    finally:
-        model.compiled = compiled
-    return new if dtype is None else new.to(dtype)
-
-
 def build_model(cfg):
     """Rebuild an EPNet from its `config()` dict."""
     return EPNet(cfg["dataset"], cfg["seq_len"], cfg["embed_dim"], cfg["fc_layers"],
@@ -523,17 +511,6 @@ def _tol_floor(tol, dtype):
 def _offset_change(new, old, base):
     """relative_change's measure for one layer whose states are offsets from base."""
     return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()
-
-
-@torch.no_grad()
-def seconds_per_step(model, x):
-    """Wall time of one synchronous step of the dynamics on batch x (the second of two steps,
-    so that one-time allocation is not counted): the unit of every time estimate."""
-    drive, keys = model.precompute(x)
-    s = model.step(model.init_states(x.shape[0], x.device, x.dtype), drive, keys)
-    clock = Clock(x.device)
-    model.step(s, drive, keys)
-    return clock()
 
 
 def check_finite(s, phase):
