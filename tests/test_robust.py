@@ -208,7 +208,7 @@ def test_config_records_no_absolute_paths(tiny_imdb):
     assert str(tiny_imdb["tmp"]) not in text and str(ROOT) not in text and "mtime_ns" not in text
     files = config["data"]["embeddings"]["files"]
     assert files[0]["base"] == "elsewhere" and len(files[0]["sha256"]) == 64
-    for name in ("test_SNLI_25_300", "test_IMDB_200_100"):
+    for name in ("test_SNLI_25_300", "test_IMDB_400_100"):
         shipped = (ROOT / "saved_models" / name / "config.json").read_text()
         assert '"/' not in shipped, name
 
