@@ -77,9 +77,9 @@ def _free_phase_with_graph(model, x, y, T, K, entries=None):
     backwards ([K, *shape] each), the per-step −∂ℓ/∂θ_t, −B·∂ℓ/∂g_t and −B·∂ℓ/∂s_{t+1}
     (t = T−1 … T−K)."""
     B = x.shape[0]
+    s = mu.steps_before_window(model, x, T, K)
     with torch.no_grad():
         drive, keys = model.precompute(x)
-        s, _ = mu.relax(model, model.init_states(B, x.device, x.dtype), drive, keys, T - K)
     inputs, pre, state = [], [], []  # per recorded step: s_t, g_t, s_{t+1}
     with torch.enable_grad():
         s = [t.detach().requires_grad_(True) for t in s]

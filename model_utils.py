@@ -640,9 +640,8 @@ def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
     info: steps, and seconds without the graph (free_s) and with it plus backprop (nudged_s).
     free_tf32: CUDA, the T−K steps without a graph in TF32; the recorded ones in full float32."""
     clock = Clock(x.device)
-    with torch.no_grad(), cuda_tf32(free_tf32):
-        drive, keys = model.precompute(x)
-        s, _ = relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)
+    with cuda_tf32(free_tf32):
+        s = steps_before_window(model, x, T, K)
     free_s = clock()
     drive, keys = model.precompute(x)
     segment = checkpoint or K
@@ -659,6 +658,14 @@ def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
     return s[-1].detach(), {"free_steps": T, "nudged_steps": 0, "free_s": free_s,
                             "flat": flat_units(model, [t.detach() for t in s]),
                             "nudged_s": clock(), "hebbian_s": 0.0}
+
+
+@torch.no_grad()
+def steps_before_window(model, x, T, K):
+    """The free phase up to BPTT's window: T−K synchronous steps from zero, without a graph
+    (the K steps after them are the ones BPTT, and the GDU check, record)."""
+    drive, keys = model.precompute(x)
+    return relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)[0]
 
 
 def _steps(model, n, drive, keys, *s):
