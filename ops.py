@@ -69,14 +69,25 @@ ACTIVATION_DELTAS = {
 
 def softmax_delta(p0, ds):
     """softmax(S0 + ds) − softmax(S0) along the last axis from p0 = softmax(S0), to the relative
-    precision of ds: with v = e^(ds−c) − 1 (expm1), p' − p0 = p0·(v − Σp0v)/(1 + Σp0v).
-    c = max(0, max ds − 60) only keeps expm1 finite for huge ds (then precision is moot)."""
+    precision of ds: with v = e^ds − 1 (expm1), p' − p0 = p0·(v − Σp0v)/(1 + Σp0v). Eagerly it
+    makes one temporary (v, updated in place) and a batched dot for Σp0v: the nudged phases run
+    this on [B, P, L, L] every step, where the temporaries of the plain expression cost more
+    than the step's matmuls (docs/speed.md). Where e^ds overflows (ds > 88 in float32, never
+    for a nudge) it shifts ds by c = max ds − 60 per row, which leaves the softmax unchanged."""
+    if torch.compiler.is_compiling():  # inductor fuses the plain expression into one kernel
+        return _softmax_delta_shifted(p0, ds)
+    v = torch.expm1(ds)
+    m = torch.linalg.vecdot(p0, v).unsqueeze(-1)
+    if not bool(torch.isfinite(m).all()):
+        return _softmax_delta_shifted(p0, ds)
+    return v.sub_(m).mul_(p0).div_(m.add_(1.0))
+
+
+def _softmax_delta_shifted(p0, ds):
     c = (ds.amax(-1, keepdim=True) - 60.0).clamp(min=0.0)
     v = torch.expm1(ds - c)
     m = (p0 * v).sum(-1, keepdim=True)
     return p0 * (v - m) / (1.0 + m)
-
-
 
 
 def _onednn_linear_works(dtype):
@@ -167,8 +178,8 @@ class HopfieldUnits:
     def zeros(self, B, **kw):
         return torch.zeros(B, *self.shape, **kw)
 
-    def attention(self, g, keys):
-        return torch.softmax(self.gamma * (g.view(-1, *self.shape) @ keys.transpose(-1, -2)), dim=-1)
+    def attention(self, g, keys):  # γ scales g [.., L, D], not the larger logits [.., L, L]
+        return torch.softmax((g.view(-1, *self.shape) * self.gamma) @ keys.transpose(-1, -2), dim=-1)
 
     def update(self, g, ctx):
         return self.attention(g, ctx["keys"]) @ ctx["keys"]
@@ -179,7 +190,7 @@ class HopfieldUnits:
 
     def delta(self, g0, p0, dg, ctx):
         keys = ctx["keys"]
-        return softmax_delta(p0, self.gamma * (dg.view(-1, *self.shape) @ keys.transpose(-1, -2))) @ keys
+        return softmax_delta(p0, (dg.view(-1, *self.shape) * self.gamma) @ keys.transpose(-1, -2)) @ keys
 
     def flops(self, B):
         P, L, D = self.shape

@@ -47,6 +47,11 @@ def test_softmax_delta_is_the_difference_also_for_large_moves():
         exact = torch.softmax(S0 + ds, -1) - torch.softmax(S0, -1)
         got = ops.softmax_delta(torch.softmax(S0, -1), ds)
         torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-13 * max(scale, 1.0))
+    # float32 where e^ds overflows (ds > 88): the row-shifted form, still the exact difference
+    S0, ds = S0.float(), torch.randn(3, 5, 7, generator=g) * 100.0
+    ds[0, 0, 0] = 200.0
+    exact = (torch.softmax(S0.double() + ds.double(), -1) - torch.softmax(S0.double(), -1)).float()
+    torch.testing.assert_close(ops.softmax_delta(torch.softmax(S0, -1), ds), exact, rtol=1e-4, atol=1e-6)
 
 
 def tiny(dataset, act, seed=0):
