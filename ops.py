@@ -178,8 +178,8 @@ class HopfieldUnits:
     def zeros(self, B, **kw):
         return torch.zeros(B, *self.shape, **kw)
 
-    def attention(self, g, keys):  # γ scales g [.., L, D], not the larger logits [.., L, L]
-        return torch.softmax((g.view(-1, *self.shape) * self.gamma) @ keys.transpose(-1, -2), dim=-1)
+    def attention(self, g, keys):
+        return torch.softmax(self.gamma * (g.view(-1, *self.shape) @ keys.transpose(-1, -2)), dim=-1)
 
     def update(self, g, ctx):
         return self.attention(g, ctx["keys"]) @ ctx["keys"]
@@ -190,6 +190,8 @@ class HopfieldUnits:
 
     def delta(self, g0, p0, dg, ctx):
         keys = ctx["keys"]
+        # γ scales the offsets [.., L, D], not the larger logits [.., L, L] (the free step's
+        # attention keeps γ·(g·Kᵀ): evaluation, and so every recorded accuracy, is unchanged)
         return softmax_delta(p0, (dg.view(-1, *self.shape) * self.gamma) @ keys.transpose(-1, -2)) @ keys
 
     def flops(self, B):
