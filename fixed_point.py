@@ -12,8 +12,14 @@ The stopping rule is the tool's one convergence measure, `relative_change`: the 
 relative change of any layer over one application of F (for Anderson, the relative residual
 of the current iterate). The GDU check never comes here with Anderson: the theorem is about
 the plain synchronous steps.
+
+The phases are those solvers run on a model's steps: `relax` (the free phase, or any phase on
+the states), `relax_nudged` (a nudged phase on δ = s − s0) and `relax_nudged_pair` (the ±β
+phases as one batch); `model_utils.ep_gradients` and `bptt_gradients` call them.
 """
 import torch
+
+from ops import one_hot
 
 
 def relative_change(new, old):
@@ -143,3 +149,73 @@ class WarmStarts:
             raise ValueError(f"warm-start table of shape {tuple(table.shape)} does not fit this run "
                              f"({tuple(self.table.shape)})")
         self.table = table.to(self.table)
+
+
+# ----------------------------------------------------------------------------- the phases
+_anderson = anderson  # the phases' `anderson` argument is the window size
+
+
+def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None, anderson=0):
+    """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
+    state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
+    `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
+    autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks).
+    anderson=m ≥ 2: Anderson mixing with window m of the FC states under `EPNet.step_fc`,
+    towards the same fixed point (`fixed_point`); tol then bounds the relative residual.
+    States in a low-precision dtype cannot resolve changes below its machine epsilon, so tol
+    is at least that epsilon (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7). bfloat16 dynamics
+    often end in cycles of rounding flips larger than that: such a phase runs all its steps."""
+    tol = _tol_floor(tol, s[0].dtype)
+    if x is not None:
+        return iterate(lambda z: model.step_reference(x, z, keys, beta, y), s, steps, tol)
+    if anderson < 2:
+        step = model.stepper("step")
+        return iterate(lambda z: step(z, drive, keys, beta, y, p), s, steps, tol)
+    step = model.stepper("step_fc")
+    return _anderson(lambda z: step(z, drive, keys, beta, y, p), s, steps, tol, anderson, mix_from=1)
+
+
+def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None, p=None):
+    """The nudged phase from the free state s0 (with `setup` = model.nudged_setup(s0, ...)),
+    run on δ = s − s0 (`EPNet.delta_step`). Returns (δ, steps used); the stopping rule is
+    relax's, on the states s0 + δ."""
+    step, tol = model.stepper("delta_step"), _tol_floor(tol, s0[0].dtype)
+    out = s0[-1]
+    nudge = (beta - beta0) * (one_hot(y, out) - out)
+    beta = torch.tensor(beta, dtype=out.dtype, device=out.device)
+    measure = lambda new, old: max(_offset_change(a, b, s) for a, b, s in zip(new, old, s0))  # noqa: E731
+    return iterate(lambda d: step(d, setup, keys, beta, nudge, p),
+                               [torch.zeros_like(t) for t in s0], steps, tol, measure)
+
+
+def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
+                      anderson=0, signs=(1, -1)):
+    """The nudged phases with β = sign·beta for each sign, run together as one batch (2B for
+    ±β), so they take the same number of steps (a symmetric estimate stays symmetric) and share
+    each matmul. The stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the
+    EP estimate is δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a
+    phase long before δ has converged. anderson: window of Anderson mixing (0: plain steps).
+    Returns ([δ per sign], steps per phase)."""
+    tol = _tol_floor(tol, s0[0].dtype)
+    step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
+    out, B, n_ph = s0[-1], s0[-1].shape[0], len(signs)
+    nudge = torch.cat([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs])
+    beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
+                           for sg in signs])
+    if n_ph > 1:
+        setup = [[None if t is None else torch.cat([t] * n_ph) for t in part] for part in setup]
+        keys = torch.cat([keys] * n_ph)
+    g0, aux, r = setup
+    d, n = _anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge),
+                                [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
+    return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
+
+
+def _tol_floor(tol, dtype):
+    """A stopping tolerance no finer than the states' dtype can resolve (None: no early stop)."""
+    return None if tol is None else max(tol, torch.finfo(dtype).eps)
+
+
+def _offset_change(new, old, base):
+    """relative_change's measure for one layer whose states are offsets from base."""
+    return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()

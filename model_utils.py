@@ -23,18 +23,14 @@ import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fixed_point
 import registry
 from devices import Clock, cuda_tf32
-from ops import ACTIVATION_CENTRE, ACTIVATION_FLAT, ACTIVATIONS, INITS, HopfieldUnits, SigmaUnits, linear
+from fixed_point import relax, relax_nudged, relax_nudged_pair  # the phases (the steps run to a fixed point)
+from ops import ACTIVATION_CENTRE, ACTIVATION_FLAT, ACTIVATIONS, INITS, HopfieldUnits, SigmaUnits, linear, one_hot
 
 
 class DivergenceError(RuntimeError):
     """A state, output or gradient became NaN/Inf."""
-
-
-def one_hot(y, like):
-    return F.one_hot(y, like.shape[-1]).to(like.dtype)
 
 
 # ----------------------------------------------------------------------------- Φ's terms
@@ -444,73 +440,6 @@ def build_model(cfg):
     """Rebuild an EPNet from its `config()` dict."""
     return EPNet(cfg["dataset"], cfg["seq_len"], cfg["embed_dim"], cfg["fc_layers"],
                  cfg["act"], cfg["gamma"])
-
-
-# ----------------------------------------------------------------------------- dynamics
-def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None, anderson=0):
-    """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
-    state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
-    `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
-    autograd-of-Φ reference steps on input x instead of the closed form (for benchmarks).
-    anderson=m ≥ 2: Anderson mixing with window m of the FC states under `EPNet.step_fc`,
-    towards the same fixed point (`fixed_point`); tol then bounds the relative residual.
-    States in a low-precision dtype cannot resolve changes below its machine epsilon, so tol
-    is at least that epsilon (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7). bfloat16 dynamics
-    often end in cycles of rounding flips larger than that: such a phase runs all its steps."""
-    tol = _tol_floor(tol, s[0].dtype)
-    if x is not None:
-        return fixed_point.iterate(lambda z: model.step_reference(x, z, keys, beta, y), s, steps, tol)
-    if anderson < 2:
-        step = model.stepper("step")
-        return fixed_point.iterate(lambda z: step(z, drive, keys, beta, y, p), s, steps, tol)
-    step = model.stepper("step_fc")
-    return fixed_point.anderson(lambda z: step(z, drive, keys, beta, y, p), s, steps, tol, anderson, mix_from=1)
-
-
-def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None, p=None):
-    """The nudged phase from the free state s0 (with `setup` = model.nudged_setup(s0, ...)),
-    run on δ = s − s0 (`EPNet.delta_step`). Returns (δ, steps used); the stopping rule is
-    relax's, on the states s0 + δ."""
-    step, tol = model.stepper("delta_step"), _tol_floor(tol, s0[0].dtype)
-    out = s0[-1]
-    nudge = (beta - beta0) * (one_hot(y, out) - out)
-    beta = torch.tensor(beta, dtype=out.dtype, device=out.device)
-    measure = lambda new, old: max(_offset_change(a, b, s) for a, b, s in zip(new, old, s0))  # noqa: E731
-    return fixed_point.iterate(lambda d: step(d, setup, keys, beta, nudge, p),
-                               [torch.zeros_like(t) for t in s0], steps, tol, measure)
-
-
-def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
-                      anderson=0, signs=(1, -1)):
-    """The nudged phases with β = sign·beta for each sign, run together as one batch (2B for
-    ±β), so they take the same number of steps (a symmetric estimate stays symmetric) and share
-    each matmul. The stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the
-    EP estimate is δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a
-    phase long before δ has converged. anderson: window of Anderson mixing (0: plain steps).
-    Returns ([δ per sign], steps per phase)."""
-    tol = _tol_floor(tol, s0[0].dtype)
-    step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
-    out, B, n_ph = s0[-1], s0[-1].shape[0], len(signs)
-    nudge = torch.cat([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs])
-    beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
-                           for sg in signs])
-    if n_ph > 1:
-        setup = [[None if t is None else torch.cat([t] * n_ph) for t in part] for part in setup]
-        keys = torch.cat([keys] * n_ph)
-    g0, aux, r = setup
-    d, n = fixed_point.anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge),
-                                [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
-    return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
-
-
-def _tol_floor(tol, dtype):
-    """A stopping tolerance no finer than the states' dtype can resolve (None: no early stop)."""
-    return None if tol is None else max(tol, torch.finfo(dtype).eps)
-
-
-def _offset_change(new, old, base):
-    """relative_change's measure for one layer whose states are offsets from base."""
-    return ((new - old).abs().max() / ((base + new).abs().max() + 1e-12)).item()
 
 
 def check_finite(s, phase):

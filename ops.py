@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+def one_hot(y, like):
+    """Labels y [B] as rows of like's last size and dtype."""
+    return F.one_hot(y, like.shape[-1]).to(like.dtype)
+
+
 # ----------------------------------------------------------------------------- activations
 def my_sigmoid(x):
     return torch.sigmoid(4.0 * (x - 0.5))
