@@ -516,4 +516,13 @@ def main(argv=None):
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
     signal.signal(signal.SIGTERM, runs.interrupt)  # `kill` stops like Ctrl-C: a resumable run or nothing
-    sys.exit(main())
+    code = main()
+    if dist_utils.launched():
+        # A torchrun worker has written and closed everything (atomic checkpoints, process group
+        # destroyed); leave without the interpreter's teardown, where C++ threads of the
+        # distributed backend have at times aborted a finished worker ("terminate called without
+        # an active exception", under load), which torchrun then reports as a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)
