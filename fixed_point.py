@@ -185,7 +185,7 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
     beta = torch.tensor(beta, dtype=out.dtype, device=out.device)
     measure = lambda new, old: max(_offset_change(a, b, s) for a, b, s in zip(new, old, s0))  # noqa: E731
     return iterate(lambda d: step(d, setup, keys, beta, nudge, p),
-                               [torch.zeros_like(t) for t in s0], steps, tol, measure)
+                   [torch.zeros_like(t) for t in s0], steps, tol, measure)
 
 
 def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
@@ -207,7 +207,7 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
         keys = torch.cat([keys] * n_ph)
     g0, aux, r = setup
     d, n = _anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge),
-                                [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
+                     [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
     return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
 
 

@@ -40,6 +40,7 @@ CURVES = {"one-sided": ("ep_pos", "one_sided", "EP +β (one-sided)"),
           "one-sided-negative": ("ep_neg", "one_sided_negative", "EP −β (one-sided)"),
           "symmetric": ("ep_sym", "symmetric", "EP ±β (symmetric)")}
 PHASE_CURVE = {1: "one-sided", -1: "one-sided-negative"}  # the curve of a single nudged phase
+SHORT = {"one-sided": "+β", "one-sided-negative": "−β", "symmetric": "sym"}  # table and plot titles
 
 
 def curves_in(result):
@@ -77,9 +78,7 @@ def _free_phase_with_graph(model, x, y, T, K, entries=None):
     backwards ([K, *shape] each), the per-step −∂ℓ/∂θ_t, −B·∂ℓ/∂g_t and −B·∂ℓ/∂s_{t+1}
     (t = T−1 … T−K)."""
     B = x.shape[0]
-    s = mu.steps_before_window(model, x, T, K)
-    with torch.no_grad():
-        drive, keys = model.precompute(x)
+    s, drive, keys = mu.steps_before_window(model, x, T, K)  # the model's parameters need no graph here
     inputs, pre, state = [], [], []  # per recorded step: s_t, g_t, s_{t+1}
     with torch.enable_grad():
         s = [t.detach().requires_grad_(True) for t in s]
@@ -274,7 +273,7 @@ def gdu_metrics(result):
             m["entries_followed"] = len(result["entries"][name])
         layers[name] = m
     return {"layers": layers, "T": result["T"], "K": result["K"], "betas": list(result["betas"]),
-            "estimator": result.get("estimator", "symmetric" if result["thirdphase"] else "one-sided")}
+            "estimator": result["estimator"]}
 
 
 def symmetric_gain(result, name):
@@ -290,11 +289,10 @@ def symmetric_gain(result, name):
 def format_table(metrics):
     """A per-layer text table of `gdu_metrics` output."""
     present = curves_in(next(iter(metrics["layers"].values())))
-    short = {"one-sided": "+β", "one-sided-negative": "−β", "symmetric": "sym"}
     width = max([len("layer")] + [len(n) for n in metrics["layers"]])
     cols, keys = [], []
     for e in present:
-        cols += [f"relRMSE {short[e]}", f"sign {short[e]}"]
+        cols += [f"relRMSE {SHORT[e]}", f"sign {SHORT[e]}"]
         keys += [f"rel_rmse_{CURVES[e][1]}", f"sign_agreement_{CURVES[e][1]}"]
     head = (f"GDU check (EP vs BPTT, cumulative over K={metrics['K']} steps, T={metrics['T']}, "
             f"betas={metrics['betas']}; +β, −β: one-sided, sym: symmetric)")
@@ -406,7 +404,7 @@ def _draw_bars(ax, result, metrics):
         ax.axhline(1.0, color="tab:red", lw=1, ls="--")
         ax.set_ylabel("dist(sym. EP, BPTT) / mean dist(±β one-sided EP, BPTT)", fontsize=8)
     else:
-        est = result.get("estimator", "one-sided")
+        est = result["estimator"]
         values = [metrics["layers"][n]["rel_rmse_" + CURVES[est][1]] for n in names]
         ax.set_ylabel(f"rel. RMSE ({est} EP, BPTT)", fontsize=8)
     colors = ["tab:blue" if k == "param" else "tab:gray" for k in result["kinds"]]
@@ -423,7 +421,7 @@ def _bar_figure(result, metrics, tag):
     ax = fig.subplots()
     _draw_bars(ax, result, metrics)
     ax.set_title(("Symmetric vs one-sided EP, distance to BPTT (below 1: third phase helps)"
-                  if result["thirdphase"] else f"{result.get('estimator', 'one-sided')} EP vs BPTT") +
+                  if result["thirdphase"] else f"{result['estimator']} EP vs BPTT") +
                  f"\nparameters blue, neurons grey; {tag}", fontsize=9)
     return fig
 
@@ -440,7 +438,7 @@ def _summary_figure(result, metrics, tag):
         idx = int(final.argmax())
         _draw_entry(ax, result, name, idx)
         m = metrics["layers"][name]
-        text = ", ".join(f"{CURVES[e][2].split()[1]} {m['rel_rmse_' + CURVES[e][1]]:.1e}/"
+        text = ", ".join(f"{SHORT[e]} {m['rel_rmse_' + CURVES[e][1]]:.1e}/"
                          f"{m['sign_agreement_' + CURVES[e][1]]:.0%}" for e in curves_in(result))
         entry = list(_unravel(idx, tuple(result["bptt"][name].shape[1:])))
         ax.set_title(f"{name}{entry}\nrelRMSE/sign: {text}", fontsize=8)

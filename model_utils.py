@@ -146,15 +146,21 @@ class Cost(Term):
     def __init__(self, N):
         self.layers = (N,)
 
+    @staticmethod
+    def _beta(ctx):
+        """β of the phase, or None for a free phase given as the number 0 (no term at all)."""
+        beta = ctx.get("beta", 0.0)
+        return None if not isinstance(beta, torch.Tensor) and beta == 0.0 else beta
+
     def value(self, s, ctx, prm):
-        beta, out = ctx.get("beta", 0.0), s[self.layers[0]]
-        if not isinstance(beta, torch.Tensor) and beta == 0.0:
+        beta, out = self._beta(ctx), s[self.layers[0]]
+        if beta is None:
             return torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
         return -beta * 0.5 * ((out - one_hot(ctx["y"], out)) ** 2).sum(1)
 
     def grad(self, k, src, ctx, prm, acc):
-        beta = ctx.get("beta", 0.0)
-        if not isinstance(beta, torch.Tensor) and beta == 0.0:
+        beta = self._beta(ctx)
+        if beta is None:
             return acc
         return acc + beta * (one_hot(ctx["y"], src[k]) - src[k])
 
@@ -570,9 +576,9 @@ def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
     free_tf32: CUDA, the T−K steps without a graph in TF32; the recorded ones in full float32."""
     clock = Clock(x.device)
     with cuda_tf32(free_tf32):
-        s = steps_before_window(model, x, T, K)
+        s, _, _ = steps_before_window(model, x, T, K)
     free_s = clock()
-    drive, keys = model.precompute(x)
+    drive, keys = model.precompute(x)  # again, with the graph to the projections
     segment = checkpoint or K
     for start in range(0, K, segment):
         n = min(segment, K - start)
@@ -592,9 +598,10 @@ def bptt_gradients(model, x, y, T, K, checkpoint=0, free_tf32=False):
 @torch.no_grad()
 def steps_before_window(model, x, T, K):
     """The free phase up to BPTT's window: T−K synchronous steps from zero, without a graph
-    (the K steps after them are the ones BPTT, and the GDU check, record)."""
+    (the K steps after them are the ones BPTT, and the GDU check, record). Returns the states
+    and the input drive and keys they were run with."""
     drive, keys = model.precompute(x)
-    return relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)[0]
+    return relax(model, model.init_states(x.shape[0], x.device, x.dtype), drive, keys, T - K)[0], drive, keys
 
 
 def _steps(model, n, drive, keys, *s):
