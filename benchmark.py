@@ -110,8 +110,10 @@ def add_flags(a):
       help="Anderson mixing of the last M iterates (main.py --anderson; 0 = plain steps)")
     a("--tol-nudged", type=float,
       help="joint ±beta nudged phases stopped on delta's own relative change (main.py --tol-nudged)")
+    a("--sample-exit", action="store_true",
+      help="each sample leaves a phase on its own stopping rule, the batch shrinks (main.py --sample-exit)")
     a("--fast", action="store_true",
-      help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 unless given "
+      help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit unless given "
            "(warm starts need epochs, so main.py's training logs measure them)")
     a("--compile", action="store_true", help="torch.compile the step of the dynamics")
     a("--bptt-checkpoint", type=int, default=0, metavar="C",
@@ -252,7 +254,7 @@ def train_step(model, opt, x, y, args, reference):
         _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
                                   args.tol, torch.bfloat16 if args.bf16 else None,
                                   free_tf32=args.tf32 == "free", anderson=args.anderson,
-                                  tol_nudged=args.tol_nudged)
+                                  tol_nudged=args.tol_nudged, sample_exit=args.sample_exit)
     else:
         _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint,
                                     free_tf32=args.tf32 == "free")
@@ -402,7 +404,7 @@ def report(model, args, device, runs, base, load):
                 "threads": torch.get_num_threads(), "alg": args.alg, "estimator": args.estimator,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
-                "anderson": args.anderson, "tol_nudged": args.tol_nudged,
+                "anderson": args.anderson, "tol_nudged": args.tol_nudged, "sample_exit": args.sample_exit,
                 "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
                 "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,

@@ -86,7 +86,7 @@ def _export_info(args, ckpt, path, metrics):
     return {"from": rel if not rel.startswith("..") else os.path.basename(path),
             "weights_dtype": args.weights_dtype, "epoch": ckpt.get("epoch"),
             "eval": {"T": args.T, "batch_size": args.batch_size, "tol": args.tol, "bf16": args.bf16,
-                     "anderson": args.anderson},
+                     "anderson": args.anderson, "sample_exit": args.sample_exit},
             "trained_with": {k: ckpt["config"]["hyper"].get(k) for k in ("T", "K", "batch_size", "tol", "bf16", "fast")},
             "test_accuracy_before_export": metrics.get("test_accuracy"),
             "command": command_line(args.argv)}

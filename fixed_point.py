@@ -50,39 +50,131 @@ def anderson(f, z, steps, tol=None, m=5, measure=relative_change, reg=1e-7, mix_
     (`EPNet.step_fc`)."""
     if m < 2:
         return iterate(f, z, steps, tol, measure)
-    B, dtype = z[0].shape[0], z[0].dtype
-    work = torch.promote_types(dtype, torch.float32)
-    # per layer [B, m, n_k] histories, so that every new iterate is one contiguous tensor per
-    # layer (the layout the fast matmul kernels take)
-    hist_f = [t.new_empty(B, m, t[0].numel(), dtype=work) for t in z[mix_from:]]  # images F(zᵢ)
-    hist_g = [t.new_empty(B, m, t[0].numel(), dtype=work) for t in z[mix_from:]]  # residuals
-    gram = z[0].new_zeros(B, m, m, dtype=work)
-    valid = torch.zeros(B, m, dtype=torch.bool, device=z[0].device)  # columns in each sample's history
-    last = torch.full((B,), float("inf"), dtype=work, device=z[0].device)  # its last residual norm²
+    mix = _History(z, m, mix_from, reg)
     fz = f(z)
     for k in range(steps):
         if tol is not None and measure(fz, z) < tol:
             return fz, k + 1
         if k == steps - 1:
             break
-        i, n = k % m, min(k + 1, m)
+        z = mix.next(k, fz, z)
+        fz = f(z)
+    return fz, steps
+
+
+def sample_change(new, old, blocks=1):
+    """relative_change per sample: max_k ‖new_k − old_k‖∞ / ‖new_k‖∞ over each row's layers,
+    [rows / blocks]. blocks = n: the batch is n blocks of the same samples (the ±β phases run as
+    one batch), and a sample's measure is the largest over its n rows."""
+    r = None
+    for a, b in zip(new, old):
+        a, b = a.flatten(1), b.flatten(1)
+        v = (a - b).abs().amax(1) / (a.abs().amax(1) + 1e-12)
+        r = v if r is None else torch.maximum(r, v)
+    return r.view(blocks, -1).amax(0)
+
+
+def solve_per_sample(f, z, ctx, steps, tol, m=5, blocks=1, reg=1e-7, mix_from=0):
+    """Plain iteration (m < 2) or Anderson mixing as `iterate` and `anderson` do, except that
+    each sample leaves the batch as soon as its own relative residual (`sample_change`) is
+    below tol: its f(z) is final, and the batch, its histories and the batch-first tensors of
+    `ctx` (nested lists or tuples, None allowed) shrink to the samples still running. The
+    samples of a batch are independent problems and the mixing weights are per sample, so the
+    others' iterates are unchanged. f(z, ctx) applies the map to the running samples.
+    blocks = n: the rows are n blocks of the same B/n samples (the ±β phases), which leave
+    together, so both phases of a sample take the same number of steps. Returns (f of each
+    sample's last iterate, in the original row order; applications of f per sample, averaged:
+    the work done, in steps of the whole batch)."""
+    if steps < 1:
+        return list(z), 0
+    B0 = z[0].shape[0] // blocks
+    out = [torch.empty_like(t) for t in z]
+    live = torch.arange(B0, device=z[0].device)  # the original sample index of each running sample
+    mix = _History(z, m, mix_from, reg) if m >= 2 else None
+    fz, work_done = f(z, ctx), 0
+    for k in range(steps):
+        work_done += live.numel()
+        done = sample_change(fz, z, blocks) < tol
+        if k == steps - 1:
+            done[:] = True
+        if bool(done.any()):
+            here = _block_rows(done.nonzero().squeeze(1), live.numel(), blocks)
+            there = _block_rows(live[done], B0, blocks)
+            for o, t in zip(out, fz):
+                o[there] = t[here]
+            if bool(done.all()):
+                break
+            keep = _block_rows((~done).nonzero().squeeze(1), live.numel(), blocks)
+            live = live[~done]
+            z, fz, ctx = _take(z, keep), _take(fz, keep), _take(ctx, keep)
+            if mix is not None:
+                mix.take(keep)
+        z = fz if mix is None else mix.next(k, fz, z)
+        fz = f(z, ctx)
+    return out, work_done / B0
+
+
+def _block_rows(idx, b, blocks):
+    """Rows of samples idx in a batch of `blocks` blocks of b samples each."""
+    return torch.cat([idx + j * b for j in range(blocks)]) if blocks > 1 else idx
+
+
+def _repeat(obj, n):
+    """obj (as in `_take`) with its batch repeated n times, one block after the other."""
+    if isinstance(obj, torch.Tensor):
+        return torch.cat([obj] * n)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_repeat(o, n) for o in obj)
+    return obj
+
+
+def _take(obj, rows):
+    """obj (a tensor, or nested lists/tuples of them and None) at the given batch rows."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take(o, rows) for o in obj)
+    return obj
+
+
+class _History:
+    """Anderson's memory for a batch: per layer [B, m, n_k] histories of the images F(zᵢ) and
+    residuals gᵢ = F(zᵢ) − zᵢ (one contiguous tensor per layer and iterate, the layout the fast
+    matmul kernels take), their Gram matrix, and the safeguard's state. Kept in float32 at
+    least (bfloat16 states)."""
+
+    def __init__(self, z, m, mix_from, reg):
+        B, self.dtype, self.m, self.mix_from, self.reg = z[0].shape[0], z[0].dtype, m, mix_from, reg
+        work = torch.promote_types(self.dtype, torch.float32)
+        self.f = [t.new_empty(B, m, t[0].numel(), dtype=work) for t in z[mix_from:]]
+        self.g = [t.new_empty(B, m, t[0].numel(), dtype=work) for t in z[mix_from:]]
+        self.gram = z[0].new_zeros(B, m, m, dtype=work)
+        self.valid = torch.zeros(B, m, dtype=torch.bool, device=z[0].device)  # columns in each sample's history
+        self.last = torch.full((B,), float("inf"), dtype=work, device=z[0].device)  # its last residual norm²
+
+    def next(self, k, fz, z):
+        """The k-th mixed iterate from the newest image fz = F(z)."""
+        i, n, B, mf = k % self.m, min(k + 1, self.m), z[0].shape[0], self.mix_from
         row = 0
-        for hf, hg, a, b in zip(hist_f, hist_g, fz[mix_from:], z[mix_from:]):
+        for hf, hg, a, b in zip(self.f, self.g, fz[mf:], z[mf:]):
             hf[:, i] = a.reshape(B, -1)
             torch.sub(hf[:, i], b.reshape(B, -1), out=hg[:, i])
             row = row + torch.bmm(hg[:, :n], hg[:, i, :, None]).squeeze(-1)  # [B, n]
-        gram[:, i, :n], gram[:, :n, i] = row, row
+        self.gram[:, i, :n], self.gram[:, :n, i] = row, row
         # safeguard for the kinks of hard activations: a sample whose residual grew restarts
         # its history from the newest point (one plain step), so it never does worse than
         # plain iteration for long
         norm = row[:, i]
-        valid[norm > last] = False
-        valid[:, i], last = True, norm
-        alpha = _mixing_weights(gram[:, :n, :n], valid[:, :n], i, reg)[:, None, :]
-        z = list(fz[:mix_from]) + [torch.bmm(alpha, hf[:, :n]).view(t.shape).to(dtype)
-                                   for hf, t in zip(hist_f, fz[mix_from:])]
-        fz = f(z)
-    return fz, steps
+        self.valid[norm > self.last] = False
+        self.valid[:, i], self.last = True, norm
+        alpha = _mixing_weights(self.gram[:, :n, :n], self.valid[:, :n], i, self.reg)[:, None, :]
+        return list(fz[:mf]) + [torch.bmm(alpha, hf[:, :n]).view(t.shape).to(self.dtype)
+                                for hf, t in zip(self.f, fz[mf:])]
+
+    def take(self, rows):
+        """Keep the given batch rows only (samples that left the batch, `solve_per_sample`)."""
+        self.f, self.g, self.gram, self.valid, self.last = _take(
+            [self.f, self.g, self.gram, self.valid, self.last], rows)
 
 
 def _mixing_weights(gram, valid, newest, reg):
@@ -155,7 +247,8 @@ class WarmStarts:
 _anderson = anderson  # the phases' `anderson` argument is the window size
 
 
-def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None, anderson=0):
+def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=None, anderson=0,
+          sample_exit=False):
     """Run up to `steps` synchronous steps; with `tol`, stop once the largest relative
     state change max_k ‖Δs_k‖∞ / (‖s_k‖∞ + 1e-12) falls below it. Returns (s, steps used).
     `p`: parameters to use instead of the model's (e.g. bf16 copies). `x`: take the
@@ -164,8 +257,15 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     towards the same fixed point (`fixed_point`); tol then bounds the relative residual.
     States in a low-precision dtype cannot resolve changes below its machine epsilon, so tol
     is at least that epsilon (bfloat16: 2⁻⁷ ≈ 0.0078; float32: 1.2e-7). bfloat16 dynamics
-    often end in cycles of rounding flips larger than that: such a phase runs all its steps."""
+    often end in cycles of rounding flips larger than that: such a phase runs all its steps.
+    sample_exit (with tol): each sample stops on its own relative change (`solve_per_sample`);
+    the steps returned are then the per-sample average."""
     tol = _tol_floor(tol, s[0].dtype)
+    if sample_exit and tol is not None and x is None:
+        name = "step_fc" if anderson >= 2 else "step"
+        step = model.stepper(name)
+        return solve_per_sample(lambda z, c: step(z, c[0], c[1], beta, c[2], p), s, (drive, keys, y),
+                                steps, tol, anderson, mix_from=1 if anderson >= 2 else 0)
     if x is not None:
         return iterate(lambda z: model.step_reference(x, z, keys, beta, y), s, steps, tol)
     if anderson < 2:
@@ -189,12 +289,14 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
 
 
 def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
-                      anderson=0, signs=(1, -1)):
+                      anderson=0, signs=(1, -1), sample_exit=False):
     """The nudged phases with β = sign·beta for each sign, run together as one batch (2B for
     ±β), so they take the same number of steps (a symmetric estimate stays symmetric) and share
     each matmul. The stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the
     EP estimate is δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a
     phase long before δ has converged. anderson: window of Anderson mixing (0: plain steps).
+    sample_exit (with tol): each sample's phases stop together on its own measure (the largest
+    over its rows, `solve_per_sample`); the steps returned are then the per-sample average.
     Returns ([δ per sign], steps per phase)."""
     tol = _tol_floor(tol, s0[0].dtype)
     step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
@@ -203,9 +305,13 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
     beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
                            for sg in signs])
     if n_ph > 1:
-        setup = [[None if t is None else torch.cat([t] * n_ph) for t in part] for part in setup]
-        keys = torch.cat([keys] * n_ph)
+        setup, keys = _repeat(setup, n_ph), torch.cat([keys] * n_ph)
     g0, aux, r = setup
+    if sample_exit and tol is not None:
+        d, n = solve_per_sample(lambda d, c: step(d, c[0], c[1], c[2], c[3]), [torch.zeros_like(t) for t in r],
+                                ((g0, aux, r), keys, beta_rows, nudge), steps, tol, anderson, blocks=n_ph,
+                                mix_from=1 if anderson >= 2 else 0)
+        return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
     d, n = _anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge),
                      [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
     return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n

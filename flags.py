@@ -16,12 +16,12 @@ import ops
 import registry
 from runs import UsageError, find_checkpoint, load_checkpoint, run_embeddings
 
-SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start")  # the fixed-point options (EP only)
-FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2}  # what --fast turns on (docs/speed.md)
+SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start", "sample_exit")  # the fixed-point options (EP only)
+FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # what --fast turns on (docs/speed.md)
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "weight_decay"]
+         "warm_start", "sample_exit", "weight_decay"]
 
 
 def _get(args, name):
@@ -101,6 +101,12 @@ def ep_only(args):
     return None
 
 
+def sample_exit_rule(args):
+    if _get(args, "sample_exit") and _get(args, "tol") is None and _get(args, "tol_nudged") is None:
+        return "--sample-exit needs a stopping rule: give --tol and/or --tol-nudged (or --fast)"
+    return None
+
+
 def bf16_dtype(args):
     if _get(args, "bf16") and (_get(args, "dtype") or "float32") != "float32":
         return f"--bf16 runs the free phase in bfloat16 beside a float32 model, not --dtype {args.dtype}"
@@ -110,7 +116,8 @@ def bf16_dtype(args):
 RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positive("batch_size"),
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
-         non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype]
+         non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
+         sample_exit_rule]
 
 
 def problems(args):
@@ -170,7 +177,7 @@ def _solver_flags(a):
       "falls below this (default off: always T and K steps)")
     a("--fast", action="store_true", default=None,
       help="EP: fewer steps to the same fixed points, the combination measured best: "
-           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 (T and K become caps; add --compile for "
+           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit (T and K become caps; add --compile for "
            "fused steps); explicit flags override its parts")
     a("--anderson", type=int, metavar="M", help="Anderson mixing of the last M iterates in every "
       "phase (on the FC states, projections retrieved first); 0 = plain synchronous steps (default)")
@@ -180,6 +187,9 @@ def _solver_flags(a):
     a("--warm-start", dest="warm_start", action="store_true", default=None,
       help="EP training: start each sample's free phase at its last free fixed point (FC part, "
            "float16, kept in memory), needs --tol to save steps")
+    a("--sample-exit", dest="sample_exit", action="store_true", default=None,
+      help="with --tol / --tol-nudged: each sample leaves a phase as soon as its own relative change "
+           "is below the tolerance, and the batch shrinks (the ±β phases of a sample stop together)")
 
 
 def _run_flags(a):
@@ -255,7 +265,8 @@ def resolve(args, saved=None):
             if getattr(args, key) is None:
                 setattr(args, key, value)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
-                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "weight_decay": 0.0,
+                "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
+                "weight_decay": 0.0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}

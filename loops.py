@@ -46,7 +46,7 @@ def batches(n, batch_size, generator=None):
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", dist=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator (or the
     original's thirdphase boolean),
-    batch_size, tol and optionally free_dtype, free_tf32, anderson, tol_nudged (see ep_gradients),
+    batch_size, tol and optionally free_dtype, free_tf32, anderson, tol_nudged, sample_exit (see ep_gradients),
     warm (a fixed_point.WarmStarts over the split: read before and written after each free
     phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
@@ -71,7 +71,8 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
                                          hp.get("free_dtype"),
                                          free_tf32=hp.get("free_tf32", False),
                                          anderson=hp.get("anderson") or 0, tol_nudged=hp.get("tol_nudged"),
-                                         warm=None if warm is None else warm.get(idx, dtype))
+                                         warm=None if warm is None else warm.get(idx, dtype),
+                                         sample_exit=hp.get("sample_exit", False))
                 if warm is not None:
                     warm.put(idx, info["free_fc"])
             else:
@@ -97,10 +98,11 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
 
 @torch.no_grad()
 def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, free_dtype=None,
-                    stats=None, anderson=0):
+                    stats=None, anderson=0, sample_exit=False):
     """Output layer after T free steps (β = 0) for every sample: [N, C]. free_dtype: run the
     steps in this dtype (e.g. torch.bfloat16) on copies of the weights. stats: a dict that
-    receives the free steps used, averaged over the batches ("free_steps"). anderson: see relax."""
+    receives the free steps used, averaged over the batches ("free_steps"). anderson,
+    sample_exit: see relax."""
     device, dtype = embeddings.device, next(model.parameters()).dtype
     dt = free_dtype or dtype
     p = None if dt == dtype else [w.to(dt) for w in model.params()]
@@ -110,7 +112,7 @@ def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, 
     for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
         drive, keys = model.precompute(embed(embeddings, ids[idx].to(device), dtype))
         s, n = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
-                     tol=tol, p=p, anderson=anderson)
+                     tol=tol, p=p, anderson=anderson, sample_exit=sample_exit)
         check_finite(s, "evaluation free")
         outs.append(s[-1].to(dtype).cpu())
         used.append(n)
@@ -120,7 +122,7 @@ def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, 
 
 
 def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", free_dtype=None, dist=None,
-             stats=None, anderson=0):
+             stats=None, anderson=0, sample_exit=False):
     """Accuracy: argmax of the output after T free steps with β = 0. With dist, each rank
     evaluates its contiguous part of the split and the correct counts are summed. stats: see
     predict_outputs (this rank's batches)."""
@@ -128,7 +130,7 @@ def evaluate(model, split, embeddings, T, batch_size, tol=None, desc="eval", fre
         return float("nan")
     idx = torch.arange(len(split)) if dist is None else dist.shard(torch.arange(len(split)))
     out = predict_outputs(model, split.ids[idx], embeddings, T, batch_size, tol, desc, free_dtype, stats,
-                          anderson)
+                          anderson, sample_exit)
     correct = (out.argmax(1) == split.labels[idx]).sum().item()
     if dist is not None:
         correct = dist.sum([correct])[0]

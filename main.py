@@ -90,7 +90,7 @@ def train(args, log):
 
     def evaluate(split, desc):
         return loops.evaluate(model, split, embeddings, args.T, args.batch_size, args.tol, desc,
-                           hp["free_dtype"], args.dist, anderson=args.anderson)
+                           hp["free_dtype"], args.dist, anderson=args.anderson, sample_exit=args.sample_exit)
 
     from tqdm import tqdm
     epoch = state["start_epoch"]
@@ -119,9 +119,9 @@ def start_training(args, log):
     if unused_flags(args):
         log(f"notice: {' and '.join(unused_flags(args))} only apply to --alg "
             f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
-    if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start):
+    if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start or args.sample_exit):
         log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
-            "them), not the --fast/--anderson/--tol-nudged/--warm-start solver of training")
+            "them), not the --fast/--anderson/--tol-nudged/--warm-start/--sample-exit solver of training")
     if ckpt and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     return ckpt
@@ -212,7 +212,7 @@ def training_hyper(args, data, ckpt):
         warm.load(ckpt["warm_starts"])
     return {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
             "estimator": args.estimator, "batch_size": args.batch_size, "tol": args.tol,
-            "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm,
+            "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm, "sample_exit": args.sample_exit,
             "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
             "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
 
@@ -383,9 +383,9 @@ def gducheck(args, log):
         model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma,
                          args.init)
     model = model.to(args.device_obj)
-    solver = args.anderson or args.tol_nudged or args.warm_start or args.tol
+    solver = args.anderson or args.tol_nudged or args.warm_start or args.tol or args.sample_exit
     log("GDU check: plain synchronous steps, T free then K nudged (the steps the theorem is about)"
-        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start solver is not used here"
+        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start/--sample-exit solver is not used here"
            if solver else ""))
     out_dir = args.results_dir or default_run_dir(args, "gducheck")  # never into --load-path
     os.makedirs(out_dir, exist_ok=True)

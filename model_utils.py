@@ -484,7 +484,7 @@ def estimator_gap(estimator, betas):
 
 
 def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free_dtype=None,
-                 reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None):
+                 reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None, sample_exit=False):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
     of the loss gradient (docs/method.md §2). Returns (free-phase output [B, C], info dict with the
     steps used, the seconds spent in each phase and the free state's FC layers "free_fc").
@@ -499,13 +499,15 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     Fewer steps to the same fixed points (docs/speed.md): anderson=m mixes the last m
     iterates of every phase (at most T and K applications of the step); tol_nudged runs the
     nudged phases as one batch, stopped together when δ changes by less than tol_nudged relative
-    to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`)."""
+    to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`);
+    sample_exit: each sample leaves a phase on its own stopping rule (`fixed_point.solve_per_sample`)."""
     beta1, beta2 = betas
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
     clock = Clock(x.device)
     with torch.no_grad(), cuda_tf32(free_tf32):
-        s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm)
+        s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm,
+                                             sample_exit)
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
             drive, keys = model.precompute(x)
@@ -518,7 +520,8 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
                 n_nudged += n
             diff = None
         else:
-            states, diff, n_nudged = nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol, anderson, tol_nudged)
+            states, diff, n_nudged = nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol, anderson, tol_nudged,
+                                                   sample_exit)
         for sg in signs:
             check_finite(states[sg], f"nudged ({'+' if sg > 0 else '-'}beta)")
         nudged_s = clock()
@@ -529,7 +532,8 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
                     "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": s0[1:]}
 
 
-def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None):
+def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None,
+               sample_exit=False):
     """The free phase of `ep_gradients` (its arguments), run in free_dtype on copies of the
     weights when that differs from x's. Returns the free state s⁰ in x's dtype, the steps taken,
     and the input drive and keys in x's dtype (`EPNet.precompute`)."""
@@ -543,11 +547,13 @@ def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=F
     fdrive, fkeys = drive.to(dt), keys.to(dt)
     init = model.init_states(x.shape[0], x.device, dt) if warm is None else \
         model.warm_states([t.to(dt) for t in warm], fdrive, fkeys, p)
-    s0, n = relax(model, init, fdrive, fkeys, T, beta1, y, tol, p, x=x if reference else None, anderson=anderson)
+    s0, n = relax(model, init, fdrive, fkeys, T, beta1, y, tol, p, x=x if reference else None, anderson=anderson,
+                  sample_exit=sample_exit)
     return [t.to(x.dtype) for t in s0], n, drive, keys
 
 
-def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=0, tol_nudged=None):
+def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=0, tol_nudged=None,
+                  sample_exit=False):
     """The nudged phases of an estimator `pair` (ESTIMATORS) from the free state s0, run on
     offsets δ = s − s0: together with a solver (`relax_nudged_pair`), else one by one. Returns
     ({sign: state}, the δ difference of the pair, steps over all phases)."""
@@ -556,7 +562,8 @@ def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=
     setup = model.nudged_setup(s0, drive, keys, beta1, y)
     deltas, n_nudged = {0: [torch.zeros_like(t) for t in s0]}, 0
     if anderson or tol_nudged is not None:
-        ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs)
+        ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs,
+                                  sample_exit)
         deltas.update(zip(signs, ds))
         n_nudged = n * len(signs)
     else:

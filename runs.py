@@ -230,4 +230,4 @@ def test_accuracy(args, ckpt, path, data, stats=None):
         model.compile_step()
     return loops.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
                        args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats,
-                       anderson=args.anderson)
+                       anderson=args.anderson, sample_exit=args.sample_exit)

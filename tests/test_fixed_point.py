@@ -72,13 +72,14 @@ def test_sweep_step_has_the_fixed_points_of_the_synchronous_step(dataset):
 
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("m", [0, 5])
-def test_free_phase_with_anderson_reaches_the_plain_fixed_point(dataset, m):
+@pytest.mark.parametrize("sample_exit", [False, True])
+def test_free_phase_with_anderson_reaches_the_plain_fixed_point(dataset, m, sample_exit):
     model, x, y = converged_problem(dataset)
     ref = plain_fixed_point(model, x)
     drive, keys = model.precompute(x)
     with torch.no_grad():
         s, used = mu.relax(model, model.init_states(3, dtype=x.dtype), drive, keys, 400, tol=1e-13,
-                           anderson=m)
+                           anderson=m, sample_exit=sample_exit)
     assert max_diff(s, ref) < 1e-10
     assert used < 400
 
@@ -117,9 +118,9 @@ def test_joint_nudged_phases_reach_the_plain_nudged_fixed_points(dataset, thirdp
         setup = model.nudged_setup(s0, drive, keys, 0.0, y)
         want_pos, _ = mu.relax_nudged(model, s0, setup, keys, 400, 0.05, 0.0, y)
         want_neg, _ = mu.relax_nudged(model, s0, setup, keys, 400, -0.05, 0.0, y)
-        for m in (0, 5):
+        for m, sample_exit in [(0, False), (5, False), (0, True), (5, True)]:
             signs = (1, -1) if thirdphase else (1,)
-            ds, n = mu.relax_nudged_pair(model, s0, setup, keys, 400, 0.05, 0.0, y, 1e-11, m, signs)
+            ds, n = mu.relax_nudged_pair(model, s0, setup, keys, 400, 0.05, 0.0, y, 1e-11, m, signs, sample_exit)
             assert n < 400 and len(ds) == len(signs)
             assert max_diff(ds[0], want_pos) < 1e-12
             if thirdphase:
@@ -127,12 +128,13 @@ def test_joint_nudged_phases_reach_the_plain_nudged_fixed_points(dataset, thirdp
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_fast_ep_estimate_equals_the_converged_fixed_step_estimate(dataset):
+@pytest.mark.parametrize("sample_exit", [False, True])
+def test_fast_ep_estimate_equals_the_converged_fixed_step_estimate(dataset, sample_exit):
     model, x, y = converged_problem(dataset)
     mu.ep_gradients(model, x, y, 400, 300, (0.0, 0.05), True)
     want = [p.grad.clone() for p in model.params()]
     _, info = mu.ep_gradients(model, x, y, 400, 300, (0.0, 0.05), True, tol=1e-12, anderson=5,
-                              tol_nudged=1e-10)
+                              tol_nudged=1e-10, sample_exit=sample_exit)
     assert info["free_steps"] < 100 and info["nudged_steps"] < 200
     for p, w in zip(model.params(), want):
         assert rel_err(p.grad, w) < 1e-7
@@ -161,6 +163,43 @@ def test_warm_start_from_the_fc_states_reaches_the_same_fixed_point_in_fewer_ste
     assert n_hot < n_cold
 
 
+def test_each_sample_leaves_on_its_own_residual_and_keeps_its_row():
+    """Per-sample exit on independent problems of different speeds: every sample gets what the
+    whole batch run to the same tolerance gives it, in its own row; the ±β blocks leave together;
+    the work is the mean of the samples' own step counts."""
+    torch.manual_seed(0)
+    B, n = 4, 6
+    rate = torch.tensor([0.1, 0.9, 0.5, 0.95], dtype=torch.float64)[:, None]  # per-sample contraction
+    c = torch.randn(B, n, dtype=torch.float64)
+    f_batch = lambda z: [rate * torch.tanh(z[0]) + c]  # noqa: E731
+    f_rows = lambda z, ctx: [ctx[0] * torch.tanh(z[0]) + ctx[1]]  # noqa: E731
+    z0 = [torch.zeros(B, n, dtype=torch.float64)]
+    ref, n_ref = fp.iterate(f_batch, z0, 5000, tol=1e-13)
+    for m in (0, 5):
+        got, work = fp.solve_per_sample(f_rows, z0, (rate, c), 5000, 1e-13, m)
+        assert max_diff(got, ref) < 1e-11
+        alone = [fp.solve_per_sample(f_rows, [z0[0][i:i + 1]], (rate[i:i + 1], c[i:i + 1]), 5000, 1e-13, m)[1]
+                 for i in range(B)]
+        assert work == pytest.approx(sum(alone) / B)          # each sample paid for its own steps
+        assert work < max(alone)
+    # two blocks of the same samples (the ±β phases): a sample's rows leave together, on the
+    # slower of the two, and the rows come back in their order
+    rate2, c2 = torch.cat([rate, rate.flip(0)]), torch.cat([c, -c])
+    f2 = lambda z: [rate2 * torch.tanh(z[0]) + c2]  # noqa: E731
+    ref2, _ = fp.iterate(f2, [torch.zeros(2 * B, n, dtype=torch.float64)], 5000, tol=1e-13)
+    got2, work2 = fp.solve_per_sample(f_rows, [torch.zeros(2 * B, n, dtype=torch.float64)], (rate2, c2), 5000,
+                                      1e-13, 0, blocks=2)
+    assert max_diff(got2, ref2) < 1e-11
+    slow = torch.maximum(rate, rate.flip(0))
+    per_pair = [fp.solve_per_sample(f_rows, [torch.zeros(1, n, dtype=torch.float64)], (slow[i:i + 1], c[i:i + 1]),
+                                    5000, 1e-13, 0)[1] for i in range(B)]
+    assert abs(work2 - sum(per_pair) / B) <= 2                # steps set by each pair's slower row
+    # a cap stops everyone, and T = 0 returns the start
+    capped, w = fp.solve_per_sample(f_rows, z0, (rate, c), 3, 1e-13, 5)
+    assert w == 3 and all(torch.isfinite(t).all() for t in capped)
+    assert fp.solve_per_sample(f_rows, z0, (rate, c), 0, 1e-13)[1] == 0
+
+
 def test_anderson_history_survives_bfloat16_states():
     model, x, y = converged_problem("IMDB")
     model = model.float()
@@ -177,13 +216,13 @@ def test_fast_is_recorded_survives_resume_and_is_refused_by_bptt(tiny_imdb, caps
     import main
     from test_main import base_args, weights
     tmp = tiny_imdb["tmp"]
-    common = base_args(tiny_imdb, "--fast", "--warm-start", "--save")
+    common = base_args(tiny_imdb, "--fast", "--warm-start", "--sample-exit", "--save")
     assert main.main(common + ["--epochs", "2", "--results-dir", str(tmp / "full")]) == 0
     out = capsys.readouterr()
     assert "steps" in [l for l in (out.out + out.err).splitlines() if l.startswith("epoch 2/2")][0]
     hyper = json.loads((tmp / "full" / "config.json").read_text())["hyper"]
-    assert (hyper["fast"], hyper["anderson"], hyper["tol"], hyper["tol_nudged"], hyper["warm_start"]) == \
-        (True, 5, 1e-3, 1e-2, True)
+    assert (hyper["fast"], hyper["anderson"], hyper["tol"], hyper["tol_nudged"], hyper["warm_start"],
+            hyper["sample_exit"]) == (True, 5, 1e-3, 1e-2, True, True)
     assert main.main(base_args(tiny_imdb, "--fast", "--epochs", "1", "--save", "--results-dir",
                                str(tmp / "plainfast"))) == 0
     assert json.loads((tmp / "plainfast" / "config.json").read_text())["hyper"]["warm_start"] is False
@@ -202,12 +241,15 @@ def test_fast_is_recorded_survives_resume_and_is_refused_by_bptt(tiny_imdb, caps
                                "--results-dir", str(tmp / "three"))) == 0
     assert json.loads((tmp / "three" / "config.json").read_text())["hyper"]["anderson"] == 3
     capsys.readouterr()
-    for bad in (["--fast"], ["--anderson", "4"], ["--tol-nudged", "0.01"], ["--warm-start"]):
+    for bad in (["--fast"], ["--anderson", "4"], ["--tol-nudged", "0.01"], ["--warm-start"], ["--sample-exit"]):
         assert main.main(base_args(tiny_imdb, "--alg", "BPTT", "--epochs", "1", *bad)) == 2
         err = capsys.readouterr().err
         assert "applies to EP training" in err and len(err.strip().splitlines()) == 1
     assert main.main(base_args(tiny_imdb, "--anderson", "-1")) == 2
     assert main.main(base_args(tiny_imdb, "--tol-nudged", "0")) == 2
+    capsys.readouterr()
+    assert main.main(base_args(tiny_imdb, "--sample-exit")) == 2   # no stopping rule to exit on
+    assert "--sample-exit needs a stopping rule" in capsys.readouterr().err
 
 
 def test_gducheck_of_a_fast_run_says_it_takes_the_plain_steps(tiny_imdb, capsys):
@@ -232,7 +274,7 @@ def test_fast_solver_under_torchrun_equals_one_process_float64(tiny_imdb):
     # how the batch is split over ranks, and warm starts must reach the same fixed points
     from test_main import base_args
     common = base_args(tiny_imdb, "--dtype", "float64", "--save", "--anderson", "5", "--tol", "1e-12",
-                       "--tol-nudged", "1e-10", "--warm-start", "--T", "200", "--K", "200")
+                       "--tol-nudged", "1e-10", "--warm-start", "--sample-exit", "--T", "200", "--K", "200")
     one = single(common + ["--epochs", "2", "--results-dir", str(tmp / "one")], tmp)
     assert one.returncode == 0, one.stderr[-3000:]
     first = torchrun(common + ["--epochs", "1", "--results-dir", str(tmp / "two")], tmp)

@@ -54,6 +54,26 @@ def test_softmax_delta_is_the_difference_also_for_large_moves():
     torch.testing.assert_close(ops.softmax_delta(torch.softmax(S0, -1), ds), exact, rtol=1e-4, atol=1e-6)
 
 
+def test_retrieval_delta_is_the_difference_of_the_retrievals():
+    """The nudged step's form, (softmax(S0 + dq·Kᵀ) − softmax(S0))·K with the subtraction on
+    [L, D]: exact in float64 for small and large moves, and through the overflow path."""
+    g = torch.Generator().manual_seed(2)
+    K = torch.randn(3, 2, 7, 5, generator=g, dtype=torch.float64)
+    S0 = torch.randn(3, 2, 7, 7, generator=g, dtype=torch.float64) * 2
+    p0 = torch.softmax(S0, -1)
+    for scale in (1e-9, 1e-3, 1.0, 30.0):
+        dq = torch.randn(3, 2, 7, 5, generator=g, dtype=torch.float64) * scale
+        exact = (torch.softmax(S0 + dq @ K.transpose(-1, -2), -1) - p0) @ K
+        got = ops.retrieval_delta(p0, p0 @ K, dq, K)
+        torch.testing.assert_close(got, exact, rtol=1e-7, atol=1e-12 * max(scale, 1.0))
+    S0, K, dq = S0.float(), K.float(), torch.zeros(3, 2, 7, 5)
+    dq[0, 0, 0] = 100.0 * K[0, 0, 0]  # ds of key 0 = 100·|K_0|² > 88: e^ds overflows in float32
+    p0 = torch.softmax(S0, -1)
+    exact = ((torch.softmax(S0.double() + (dq @ K.transpose(-1, -2)).double(), -1) - p0.double())
+             @ K.double()).float()
+    torch.testing.assert_close(ops.retrieval_delta(p0, p0 @ K, dq, K), exact, rtol=1e-4, atol=1e-5)
+
+
 def tiny(dataset, act, seed=0):
     return tiny_model(dataset, (7,) if dataset == "SNLI" else (7, 5), act, seed=seed)
 
