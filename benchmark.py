@@ -106,11 +106,11 @@ def add_flags(a):
     a("--bf16", action="store_true",
       help="bfloat16 free phase (nudged phases and Hebbian in float32); reports gradient fidelity")
     a("--tol", type=float, help="early stopping tolerance of each phase")
-    a("--anderson", type=int, default=0, metavar="M",
+    a("--anderson", type=int, metavar="M",
       help="Anderson mixing of the last M iterates (main.py --anderson; 0 = plain steps)")
     a("--tol-nudged", type=float,
       help="joint ±beta nudged phases stopped on delta's own relative change (main.py --tol-nudged)")
-    a("--sample-exit", action="store_true",
+    a("--sample-exit", action="store_true", default=None,
       help="each sample leaves a phase on its own stopping rule, the batch shrinks (main.py --sample-exit)")
     a("--fast", action="store_true",
       help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit unless given "
@@ -139,10 +139,11 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if (args.reference or args.compare) and args.alg == "BPTT":
         p.error("--reference/--compare time the original EP dynamics: drop --alg BPTT")
-    if args.fast:
+    if args.fast:  # its parts, where not given explicitly (as main.py resolves them)
         for key, value in flags.FAST.items():
-            if not getattr(args, key):
+            if getattr(args, key) is None:
                 setattr(args, key, value)
+    args.anderson, args.sample_exit = args.anderson or 0, bool(args.sample_exit)
     solver = args.tol or args.anderson or args.tol_nudged
     if args.reference and (args.bf16 or solver or args.compile):
         p.error("--reference times the original dynamics (float, fixed T and K, autograd per step): "

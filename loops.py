@@ -44,10 +44,9 @@ def batches(n, batch_size, generator=None):
 
 
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", dist=None):
-    """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator (or the
-    original's thirdphase boolean),
-    batch_size, tol and optionally free_dtype, free_tf32, anderson, tol_nudged, sample_exit (see ep_gradients),
-    warm (a fixed_point.WarmStarts over the split: read before and written after each free
+    """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator
+    (`estimator_name`; EP only), batch_size, tol and optionally free_dtype, free_tf32, anderson,
+    tol_nudged, sample_exit (see ep_gradients), warm (a fixed_point.WarmStarts over the split: read before and written after each free
     phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
@@ -67,7 +66,7 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
             if hp["alg"] == "EP":
                 warm = hp.get("warm")
                 out, info = ep_gradients(model, x, y, hp["T"], hp["K"], hp["betas"],
-                                         hp.get("estimator", hp.get("thirdphase")), hp.get("tol"),
+                                         hp["estimator"], hp.get("tol"),
                                          hp.get("free_dtype"),
                                          free_tf32=hp.get("free_tf32", False),
                                          anderson=hp.get("anderson") or 0, tol_nudged=hp.get("tol_nudged"),

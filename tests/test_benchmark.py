@@ -192,6 +192,18 @@ def test_benchmark_reference_refuses_speed_options():
             benchmark.parse_args(["--reference", *flag])
 
 
+def test_benchmark_fast_fills_only_the_parts_not_given():
+    """--fast in benchmark.py resolves as in main.py: an explicit --anderson 0 stays plain steps."""
+    import benchmark
+    import flags
+    fast = benchmark.parse_args(["--fast"])
+    assert {k: getattr(fast, k) for k in flags.FAST} == flags.FAST
+    mixed = benchmark.parse_args(["--fast", "--anderson", "0", "--tol", "1e-4"])
+    assert (mixed.anderson, mixed.tol, mixed.tol_nudged, mixed.sample_exit) == (0, 1e-4, 1e-2, True)
+    plain = benchmark.parse_args([])
+    assert (plain.anderson, plain.sample_exit) == (0, False)
+
+
 def test_gpu_check_quick_mode_runs_every_section(tmp_path):
     """tools/gpu_check.py --quick: the CUDA check's CPU mode, so that it keeps working."""
     import json

@@ -277,7 +277,7 @@ def test_training_learns_a_synthetic_sequence_task(alg):
     emb[0] = 0
     model = mu.EPNet("IMDB", 6, 4, [32, 2], "my_hard_sig")  # centred biases: all units start active
     opt = loops.make_optimizer(model, [0.005, 0.005, 0.005])
-    hp = {"alg": alg, "T": 20, "K": 8, "betas": (0.0, 0.2), "thirdphase": True,
+    hp = {"alg": alg, "T": 20, "K": 8, "betas": (0.0, 0.2), "estimator": "symmetric",
           "batch_size": 20, "tol": None}
     for epoch in range(15):
         loops.train_epoch(model, opt, train, emb, hp, torch.Generator().manual_seed(epoch))

@@ -76,7 +76,7 @@ def test_compiled_steps_do_not_recompile_per_beta_or_batch_size(monkeypatch):
     emb = torch.randn(8, 4)
     model = mu.EPNet("IMDB", 6, 4, [16, 2]).compile_step()
     opt = loops.make_optimizer(model, [0.005] * 3)
-    hp = {"alg": "EP", "T": 6, "K": 3, "betas": (0.0, 0.2), "thirdphase": True, "batch_size": 20, "tol": None}
+    hp = {"alg": "EP", "T": 6, "K": 3, "betas": (0.0, 0.2), "estimator": "symmetric", "batch_size": 20, "tol": None}
     for epoch in range(2):
         loops.train_epoch(model, opt, train, emb, hp, torch.Generator().manual_seed(epoch))
         loops.evaluate(model, test, emb, 6, 30)
@@ -139,7 +139,7 @@ def test_train_epoch_reports_layers_flat_for_the_whole_epoch():
     with torch.no_grad():
         model.fc[1].bias.fill_(-20.0)
     opt = loops.make_optimizer(model, [1e-3] * 3)
-    hp = {"alg": "EP", "T": 6, "K": 3, "betas": (0.0, 0.2), "thirdphase": True, "batch_size": 20, "tol": None}
+    hp = {"alg": "EP", "T": 6, "K": 3, "betas": (0.0, 0.2), "estimator": "symmetric", "batch_size": 20, "tol": None}
     stats = loops.train_epoch(model, opt, train, torch.randn(8, 4), hp, torch.Generator().manual_seed(0))
     assert stats["dead"] == [1]
     assert all(p.grad.abs().max() == 0 for p in model.fc[1].parameters())  # nothing to learn from
@@ -215,8 +215,6 @@ def test_config_records_no_absolute_paths(tiny_imdb):
 
 def test_weight_decay_shrinks_weights_not_biases_records_and_resumes_exactly(tiny_imdb, capsys):
     import json
-    import main
-    from test_main import base_args, weights
     model = mu.EPNet("IMDB", 4, 5, [6, 2])
     opt = loops.make_optimizer(model, [0.1, 0.1, 0.1], weight_decay=0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
