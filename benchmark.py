@@ -139,10 +139,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if (args.reference or args.compare) and args.alg == "BPTT":
         p.error("--reference/--compare time the original EP dynamics: drop --alg BPTT")
-    if args.fast:  # its parts, where not given explicitly (as main.py resolves them)
-        for key, value in flags.FAST.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+    flags.fill_fast(args)
     args.anderson, args.sample_exit = args.anderson or 0, bool(args.sample_exit)
     solver = args.tol or args.anderson or args.tol_nudged
     if args.reference and (args.bf16 or solver or args.compile):

@@ -101,6 +101,14 @@ def ep_only(args):
     return None
 
 
+def fill_fast(args):
+    """--fast: set its parts (FAST) where they were not given explicitly (main.py and benchmark.py)."""
+    if args.fast:
+        for key, value in FAST.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+
+
 def sample_exit_rule(args):
     if _get(args, "sample_exit") and _get(args, "tol") is None and _get(args, "tol_nudged") is None:
         return "--sample-exit needs a stopping rule: give --tol and/or --tol-nudged (or --fast)"
@@ -260,10 +268,7 @@ def resolve(args, saved=None):
         if getattr(args, key, None) is None and args.execute == "train":
             setattr(args, key, info.get("subsample", {}).get(key))
     hyper = saved.get("hyper", {})
-    if args.fast:  # its parts, where not given explicitly
-        for key, value in FAST.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+    fill_fast(args)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
                 "weight_decay": 0.0,

@@ -46,8 +46,8 @@ def batches(n, batch_size, generator=None):
 def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train", dist=None):
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator
     (`estimator_name`; EP only), batch_size, tol and optionally free_dtype, free_tf32, anderson,
-    tol_nudged, sample_exit (see ep_gradients), warm (a fixed_point.WarmStarts over the split: read before and written after each free
-    phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
+    tol_nudged, sample_exit (see ep_gradients), warm (a fixed_point.WarmStarts over the split:
+    read before and written after each free phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
     the FC layers whose units were all flat for every sample of the epoch (`dead_layers`)."""
