@@ -8,6 +8,7 @@ for a bad value, or None; `validate` (main.py) and benchmark.py turn the first i
 error (exit code 2).
 """
 import argparse
+import os
 
 import data_utils
 import gdu
@@ -21,7 +22,7 @@ FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # 
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "sample_exit", "weight_decay"]
+         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs"]
 
 
 def _get(args, name):
@@ -115,6 +116,12 @@ def sample_exit_rule(args):
     return None
 
 
+def decay_epochs_need_decay(args):
+    if "lr_decay_epochs" in (_get(args, "given") or ()) and _get(args, "lr_decay") is False:
+        return "--lr-decay-epochs sets the length of --lr-decay's cosine: add --lr-decay"
+    return None
+
+
 def bf16_dtype(args):
     if _get(args, "bf16") and (_get(args, "dtype") or "float32") != "float32":
         return f"--bf16 runs the free phase in bfloat16 beside a float32 model, not --dtype {args.dtype}"
@@ -125,7 +132,7 @@ RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positi
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
-         sample_exit_rule]
+         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay]
 
 
 def problems(args):
@@ -172,7 +179,10 @@ def _learning_flags(a):
            "one-sided, or symmetric with --thirdphase")
     a("--lrs", type=float, nargs="+", help="one learning rate per synapse layer, projections first")
     a("--lr-decay", dest="lr_decay", action="store_true", default=None,
-      help="cosine annealing of the learning rates (T_max 100 epochs, eta_min 1e-5)")
+      help="cosine annealing of the learning rates (over --lr-decay-epochs, eta_min 1e-5)")
+    a("--lr-decay-epochs", dest="lr_decay_epochs", type=int, metavar="N",
+      help="--lr-decay: the epoch at which the cosine reaches eta_min (its T_max; default 100, the "
+           "original's). Given when resuming, the rates move onto the new curve from the next epoch on")
     a("--epochs", type=int, help="training epochs (default 50)")
     a("--weight-decay", dest="weight_decay", type=float,
       help="decoupled weight decay (AdamW) of the weight matrices, biases excluded (default 0: Adam)")
@@ -216,7 +226,9 @@ def _run_flags(a):
       help="CUDA: no TF32 at all (default: the free phase of training, which only finds the "
            "starting point, uses TF32 matmuls; nudged phases, the Hebbian estimate, BPTT's "
            "recorded steps, evaluation, export, predict and the GDU check always use full float32)")
-    a("--save", action="store_true", help="write the run folder: checkpoints, metrics, plots")
+    a("--save", action="store_true", default=None,
+      help="write the run folder: checkpoints, metrics, plots (on by default when training resumes a "
+           "run folder given by --load-path: the run goes on in it)")
     a("--results-dir", dest="results_dir",
       help="run folder (default results/<dataset>/<date>/<time>_<cpu|cudaN>/)")
     a("--overwrite", action="store_true", help="allow reusing a run folder that holds a run")
@@ -242,7 +254,7 @@ def resolve(args, saved=None):
     """Fill unset flags: explicit flag > the loaded run's config > dataset defaults."""
     saved = saved or {}
     args.lrs_given = args.lrs is not None
-    args.given = {k for k in ("thirdphase", "estimator", "betas", "tol", "bf16") + SOLVER_FLAGS
+    args.given = {k for k in ("thirdphase", "estimator", "betas", "tol", "bf16", "lr_decay_epochs") + SOLVER_FLAGS
                   if getattr(args, k, None) is not None}
     arch = saved.get("model", {})
     if args.dataset is None:
@@ -268,10 +280,12 @@ def resolve(args, saved=None):
         if getattr(args, key, None) is None and args.execute == "train":
             setattr(args, key, info.get("subsample", {}).get(key))
     hyper = saved.get("hyper", {})
+    if getattr(args, "save", False) is None:  # a resumed run folder keeps being written
+        args.save = args.execute == "train" and bool(args.load_path) and os.path.isdir(args.load_path)
     fill_fast(args)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
-                "weight_decay": 0.0,
+                "weight_decay": 0.0, "lr_decay_epochs": 100,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}

@@ -150,7 +150,7 @@ def training_model(args, ckpt, data, log):
 def training_state(args, model, ckpt, log):
     """Optimizer, scheduler and {history, start_epoch, best_val}, restored when resuming."""
     optimizer = loops.make_optimizer(model, args.lrs, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5) \
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.lr_decay_epochs, eta_min=1e-5) \
         if args.lr_decay else None
     state = {"history": new_history(), "start_epoch": 0, "best_val": -1.0}
     if ckpt:
@@ -166,11 +166,29 @@ def training_state(args, model, ckpt, log):
                 group["lr"] = group["initial_lr"] = args.lrs[group.get("layer", k)]
             if group.get("weight_decay"):
                 group["weight_decay"] = args.weight_decay
+        if scheduler is not None and scheduler.T_max != args.lr_decay_epochs:
+            move_to_cosine(optimizer, scheduler, args.lr_decay_epochs, log)
         state["history"].update(ckpt["history"])
         state["start_epoch"], state["best_val"] = ckpt["epoch"], ckpt["best_val"]
         set_rng_state(ckpt["rng"])
         log(f"resuming from {args.load_path} after epoch {state['start_epoch']}")
     return optimizer, scheduler, state
+
+
+def move_to_cosine(optimizer, scheduler, t_max, log):
+    """A resumed run given a new --lr-decay-epochs: every rate jumps onto the new cosine at the
+    current epoch (the closed form), from where the scheduler's recursion follows that curve."""
+    e, old = scheduler.last_epoch, scheduler.T_max
+    if t_max <= e:
+        raise UsageError(f"--lr-decay-epochs {t_max}: this run has trained {e} epochs already; the new "
+                         f"cosine must end later")
+    scheduler.T_max = t_max
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]  # after any new --lrs
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    log(f"--lr-decay-epochs {t_max}: the cosine of this run (T_max {old}) is replaced; epoch {e + 1} "
+        f"trains at {scheduler._last_lr[0] / scheduler.base_lrs[0]:.3f} of the initial rates")
 
 
 def refuse_dead_start(args, model, data):

@@ -105,6 +105,32 @@ def test_cosine_schedule_values_through_main(tiny_imdb):
         assert row == pytest.approx(want, rel=1e-9)
 
 
+def _cosine(epoch, t_max, lrs=(0.02, 0.01, 0.005)):
+    return [1e-5 + (lr0 - 1e-5) * (1 + math.cos(math.pi * epoch / t_max)) / 2 for lr0 in lrs]
+
+
+def test_lr_decay_epochs_sets_the_cosine_and_a_resume_moves_onto_a_new_one(tiny_imdb, capsys):
+    run = tiny_imdb["tmp"] / "cos"
+    args = base_args(tiny_imdb, "--epochs", "2", "--lr-decay", "--lr-decay-epochs", "4", "--save",
+                     "--results-dir", str(run))
+    args[args.index("--lrs") + 1:args.index("--lrs") + 4] = ["0.02", "0.01", "0.005"]
+    assert main.main(args) == 0
+    assert json.loads((run / "config.json").read_text())["hyper"]["lr_decay_epochs"] == 4
+    resume = ["--load-path", str(run), "--data-dir", str(tiny_imdb["data"]), "--epochs", "3"]
+    assert main.main(resume) == 0  # the run's own cosine (T_max 4) continues; no --save: still written
+    assert main.main(resume[:-1] + ["5", "--lr-decay-epochs", "5"]) == 0  # onto T_max 5 from epoch 4 on
+    assert "--lr-decay-epochs 5: the cosine of this run (T_max 4) is replaced" in capsys.readouterr().out
+    lr = json.loads((run / "metrics.json").read_text())["lr"]
+    want = [_cosine(0, 4), _cosine(1, 4), _cosine(2, 4), _cosine(3, 5), _cosine(4, 5)]
+    for row, w in zip(lr, want, strict=True):
+        assert row == pytest.approx(w, rel=1e-9)
+    assert main.main(resume[:-1] + ["6", "--lr-decay-epochs", "5"]) == 0  # same cosine: on past its end
+    assert main.main(resume[:-1] + ["7", "--lr-decay-epochs", "4"]) == 2  # would end before epoch 6
+    assert "this run has trained 6 epochs already" in capsys.readouterr().err
+    assert main.main(base_args(tiny_imdb, "--lr-decay-epochs", "5")) == 2  # without --lr-decay
+    assert "add --lr-decay" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("checkpoint", [0, 2])
 def test_bptt_with_k_below_t_is_autograd_truncated_by_hand(checkpoint):
     torch.manual_seed(3)
