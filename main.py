@@ -177,16 +177,16 @@ def training_state(args, model, ckpt, log):
 
 def move_to_cosine(optimizer, scheduler, t_max, log):
     """A resumed run given a new --lr-decay-epochs: every rate jumps onto the new cosine at the
-    current epoch (the closed form), from where the scheduler's recursion follows that curve."""
+    current epoch (the scheduler's own closed form), from where its recursion follows that curve."""
     e, old = scheduler.last_epoch, scheduler.T_max
     if t_max <= e:
         raise UsageError(f"--lr-decay-epochs {t_max}: this run has trained {e} epochs already; the new "
                          f"cosine must end later")
     scheduler.T_max = t_max
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]  # after any new --lrs
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    scheduler._last_lr = scheduler._get_closed_form_lr()
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
     log(f"--lr-decay-epochs {t_max}: the cosine of this run (T_max {old}) is replaced; epoch {e + 1} "
         f"trains at {scheduler._last_lr[0] / scheduler.base_lrs[0]:.3f} of the initial rates")
 

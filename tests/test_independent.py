@@ -94,6 +94,10 @@ def test_lrs_map_to_layers_projections_first():
     assert [g["lr"] for g in opt.param_groups] == lrs
 
 
+def _cosine(epoch, t_max, lrs=(0.02, 0.01, 0.005)):
+    return [1e-5 + (lr0 - 1e-5) * (1 + math.cos(math.pi * epoch / t_max)) / 2 for lr0 in lrs]
+
+
 def test_cosine_schedule_values_through_main(tiny_imdb):
     run = tiny_imdb["tmp"] / "run"
     args = base_args(tiny_imdb, "--epochs", "3", "--lr-decay", "--save", "--results-dir", str(run))
@@ -101,12 +105,7 @@ def test_cosine_schedule_values_through_main(tiny_imdb):
     assert main.main(args) == 0
     lr = json.loads((run / "metrics.json").read_text())["lr"]
     for epoch, row in enumerate(lr):  # the rate used during each epoch, T_max 100, eta_min 1e-5
-        want = [1e-5 + (lr0 - 1e-5) * (1 + math.cos(math.pi * epoch / 100)) / 2 for lr0 in (0.02, 0.01, 0.005)]
-        assert row == pytest.approx(want, rel=1e-9)
-
-
-def _cosine(epoch, t_max, lrs=(0.02, 0.01, 0.005)):
-    return [1e-5 + (lr0 - 1e-5) * (1 + math.cos(math.pi * epoch / t_max)) / 2 for lr0 in lrs]
+        assert row == pytest.approx(_cosine(epoch, 100), rel=1e-9)
 
 
 def test_lr_decay_epochs_sets_the_cosine_and_a_resume_moves_onto_a_new_one(tiny_imdb, capsys):
