@@ -22,7 +22,7 @@ FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # 
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs"]
+         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout"]
 
 
 def _get(args, name):
@@ -122,6 +122,13 @@ def decay_epochs_need_decay(args):
     return None
 
 
+def word_dropout(args):
+    p = _get(args, "word_dropout")
+    if p is not None and not 0 <= p < 1:
+        return f"--word-dropout is a probability in [0, 1), got {p:g}"
+    return None
+
+
 def bf16_dtype(args):
     if _get(args, "bf16") and (_get(args, "dtype") or "float32") != "float32":
         return f"--bf16 runs the free phase in bfloat16 beside a float32 model, not --dtype {args.dtype}"
@@ -132,7 +139,7 @@ RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positi
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
-         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay]
+         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, word_dropout]
 
 
 def problems(args):
@@ -186,6 +193,9 @@ def _learning_flags(a):
     a("--epochs", type=int, help="training epochs (default 50)")
     a("--weight-decay", dest="weight_decay", type=float,
       help="decoupled weight decay (AdamW) of the weight matrices, biases excluded (default 0: Adam)")
+    a("--word-dropout", dest="word_dropout", type=float, metavar="P",
+      help="training only: drop each token of a training sample with probability P, afresh every "
+           "epoch, the rest closing up as OOV tokens do (default 0: the paper's inputs)")
     a("--batch_size", type=int, help="batch size (default IMDB 100, SNLI 200)")
     a("--seed", type=int, help="random seed (default 0)")
 
@@ -285,7 +295,7 @@ def resolve(args, saved=None):
     fill_fast(args)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
-                "weight_decay": 0.0, "lr_decay_epochs": 100,
+                "weight_decay": 0.0, "lr_decay_epochs": 100, "word_dropout": 0.0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}

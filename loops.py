@@ -37,6 +37,16 @@ def embed(embeddings, ids, dtype):
     return embeddings[ids.long()].to(dtype)
 
 
+def drop_words(ids, p, generator):
+    """Word dropout: each token id (0 = padding) is removed with probability p and the tokens
+    left close up to the front, as dropped OOV tokens do in preprocessing (data_utils._pack).
+    One mask over the whole global batch, drawn from the training generator, so a run is
+    reproducible and every torchrun rank sees the same inputs as one process would."""
+    ids = ids.masked_fill(torch.rand(ids.shape, generator=generator) < p, 0)
+    order = torch.sort((ids == 0).to(torch.uint8), dim=-1, stable=True).indices
+    return ids.gather(-1, order)
+
+
 def batches(n, batch_size, generator=None):
     """Index batches over n samples, shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -47,7 +57,8 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator
     (`estimator_name`; EP only), batch_size, tol and optionally free_dtype, free_tf32, anderson,
     tol_nudged, sample_exit (see ep_gradients), warm (a fixed_point.WarmStarts over the split:
-    read before and written after each free phase) and bptt_checkpoint (see bptt_gradients). dist: a dist_utils.Dist
+    read before and written after each free phase), bptt_checkpoint (see bptt_gradients) and
+    word_dropout (a probability, `drop_words`). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
     the FC layers whose units were all flat for every sample of the epoch (`dead_layers`)."""
@@ -60,8 +71,11 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
                dynamic_ncols=True)
     for batch in bar:
         idx = batch if dist is None else dist.shard(batch)
+        ids = split.ids[batch] if not hp.get("word_dropout") else \
+            drop_words(split.ids[batch], hp["word_dropout"], generator)
+        ids = ids if dist is None else dist.shard(ids)
         if len(idx):
-            x = embed(embeddings, split.ids[idx].to(device), dtype)
+            x = embed(embeddings, ids.to(device), dtype)
             y = split.labels[idx].to(device)
             if hp["alg"] == "EP":
                 warm = hp.get("warm")

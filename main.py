@@ -232,7 +232,7 @@ def training_hyper(args, data, ckpt):
             "estimator": args.estimator, "batch_size": args.batch_size, "tol": args.tol,
             "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm, "sample_exit": args.sample_exit,
             "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
-            "free_tf32": args.tf32 and args.device_obj.type == "cuda"}
+            "free_tf32": args.tf32 and args.device_obj.type == "cuda", "word_dropout": args.word_dropout}
 
 
 def describe_training(args, model, data):

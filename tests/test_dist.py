@@ -33,7 +33,7 @@ def max_diff(a, b):
 
 def test_two_processes_and_resume_equal_one_process_float64(tiny_imdb):
     tmp = tiny_imdb["tmp"]
-    common = base_args(tiny_imdb, "--dtype", "float64", "--save", "--lr-decay")
+    common = base_args(tiny_imdb, "--dtype", "float64", "--save", "--lr-decay", "--word-dropout", "0.2")
     one = single(common + ["--epochs", "2", "--results-dir", str(tmp / "one")], tmp)
     assert one.returncode == 0, one.stderr
     # two processes for one epoch, then resumed under torchrun for the second

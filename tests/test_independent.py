@@ -1,6 +1,6 @@
 """The mathematics against independent definitions: plain loops from the formulas of Φ, the
 Hopfield retrieval and the SNLI pairing, hand-truncated autograd for BPTT, the layer mapping of
---lrs and the cosine schedule, and two-phase EP with β1 ≠ 0. None of these reuse the code path
+--lrs and the cosine schedule, word dropout, and two-phase EP with β1 ≠ 0. None of these reuse the code path
 they check."""
 import json
 import math
@@ -11,7 +11,7 @@ import torch
 import loops
 import main
 import model_utils as mu
-from test_main import base_args
+from test_main import base_args, weights
 
 torch.set_num_threads(2)
 
@@ -128,6 +128,41 @@ def test_lr_decay_epochs_sets_the_cosine_and_a_resume_moves_onto_a_new_one(tiny_
     assert "this run has trained 6 epochs already" in capsys.readouterr().err
     assert main.main(base_args(tiny_imdb, "--lr-decay-epochs", "5")) == 2  # without --lr-decay
     assert "add --lr-decay" in capsys.readouterr().err
+
+
+def test_word_dropout_removes_each_token_with_p_and_closes_up_like_oov():
+    ids = torch.randint(1, 50, (300, 2, 12), dtype=torch.int32)
+    ids[:, :, 9:] = 0                                   # post-padded, as data_utils stores them
+    ids[::3, 1, 4:] = 0                                 # and some short hypotheses
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    out = loops.drop_words(ids, 0.3, g)
+    for row, m, got in zip(ids.reshape(-1, 12).tolist(), mask.reshape(-1, 12).tolist(),
+                           out.reshape(-1, 12).tolist()):
+        kept = [t for t, drop in zip(row, m) if t != 0 and not drop]
+        assert got == kept + [0] * (12 - len(kept))
+    real = (ids != 0).sum().item()
+    assert 1 - (out != 0).sum().item() / real == pytest.approx(0.3, abs=0.03)
+    assert loops.drop_words(ids, 0.0, g).equal(ids)
+
+
+def test_word_dropout_through_main_changes_training_only_and_is_recorded(tiny_imdb, capsys):
+    tmp = tiny_imdb["tmp"]
+    plain, dropped = tmp / "plain", tmp / "dropped"
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--results-dir", str(plain))) == 0
+    assert main.main(base_args(tiny_imdb, "--epochs", "1", "--save", "--word-dropout", "0.3",
+                               "--results-dir", str(dropped))) == 0
+    assert json.loads((dropped / "config.json").read_text())["hyper"]["word_dropout"] == 0.3
+    assert json.loads((plain / "config.json").read_text())["hyper"]["word_dropout"] == 0.0
+    w0, w1 = (weights(d / "final_model.pt") for d in (plain, dropped))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    # evaluation sees the whole texts: --execute test on the run gives the accuracy it recorded
+    rec = json.loads((dropped / "metrics.json").read_text())["test_accuracy"]
+    capsys.readouterr()
+    assert main.main(["--execute", "test", "--load-path", str(dropped), "--data-dir", str(tiny_imdb["data"])]) == 0
+    assert f"test accuracy {rec:.4f}" in capsys.readouterr().out
+    assert main.main(base_args(tiny_imdb, "--word-dropout", "1")) == 2
+    assert "--word-dropout is a probability in [0, 1), got 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("checkpoint", [0, 2])
