@@ -22,7 +22,7 @@ FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # 
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout", "pair_swap"]
+         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout"]
 
 
 def _get(args, name):
@@ -129,17 +129,6 @@ def word_dropout(args):
     return None
 
 
-def pair_swap(args):
-    p = _get(args, "pair_swap")
-    if not p:
-        return None
-    if not 0 < p <= 1:
-        return f"--pair-swap is a probability in [0, 1], got {p:g}"
-    if not registry.get(args.dataset).swap_classes:
-        return f"--pair-swap: {args.dataset} has no class that holds with its fields swapped"
-    return None
-
-
 def bf16_dtype(args):
     if _get(args, "bf16") and (_get(args, "dtype") or "float32") != "float32":
         return f"--bf16 runs the free phase in bfloat16 beside a float32 model, not --dtype {args.dtype}"
@@ -150,7 +139,7 @@ RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positi
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
-         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, word_dropout, pair_swap]
+         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, word_dropout]
 
 
 def problems(args):
@@ -207,9 +196,6 @@ def _learning_flags(a):
     a("--word-dropout", dest="word_dropout", type=float, metavar="P",
       help="training only: drop each token of a training sample with probability P, afresh every "
            "epoch, the rest closing up as OOV tokens do (default 0: the paper's inputs)")
-    a("--pair-swap", dest="pair_swap", type=float, metavar="P",
-      help="training only, SNLI: a contradiction pair is trained with premise and hypothesis "
-           "exchanged with probability P, afresh every epoch (default 0)")
     a("--batch_size", type=int, help="batch size (default IMDB 100, SNLI 200)")
     a("--seed", type=int, help="random seed (default 0)")
 
@@ -309,7 +295,7 @@ def resolve(args, saved=None):
     fill_fast(args)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
-                "weight_decay": 0.0, "lr_decay_epochs": 100, "word_dropout": 0.0, "pair_swap": 0.0,
+                "weight_decay": 0.0, "lr_decay_epochs": 100, "word_dropout": 0.0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",
                 **{k: v for k, v in d.items() if k != "lrs"}}

@@ -47,24 +47,6 @@ def drop_words(ids, p, generator):
     return ids.gather(-1, order)
 
 
-def swap_pairs(ids, labels, swappable, p, generator):
-    """Pair swap: a sample [N, 2, L] whose class is symmetric under exchanging its two fields
-    (swappable: bool per class; SNLI: contradiction) has them exchanged with probability p.
-    One draw per sample of the global batch, from the training generator (see drop_words)."""
-    flip = (torch.rand(labels.shape, generator=generator) < p) & swappable[labels]
-    return torch.where(flip[:, None, None], ids.flip(1), ids)
-
-
-def training_ids(split, batch, hp, generator):
-    """The token ids a global training batch is trained on: --pair-swap, then --word-dropout."""
-    ids = split.ids[batch]
-    if hp.get("pair_swap"):
-        ids = swap_pairs(ids, split.labels[batch], hp["swappable"], hp["pair_swap"], generator)
-    if hp.get("word_dropout"):
-        ids = drop_words(ids, hp["word_dropout"], generator)
-    return ids
-
-
 def batches(n, batch_size, generator=None):
     """Index batches over n samples, shuffled when a generator is given."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -75,8 +57,8 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
     """One epoch of EP or BPTT training. hp: dict with alg, T, K, betas, estimator
     (`estimator_name`; EP only), batch_size, tol and optionally free_dtype, free_tf32, anderson,
     tol_nudged, sample_exit (see ep_gradients), warm (a fixed_point.WarmStarts over the split:
-    read before and written after each free phase), bptt_checkpoint (see bptt_gradients),
-    word_dropout and pair_swap with swappable (`training_ids`). dist: a dist_utils.Dist
+    read before and written after each free phase), bptt_checkpoint (see bptt_gradients) and
+    word_dropout (a probability, `drop_words`). dist: a dist_utils.Dist
     to train data-parallel (each rank takes its part of every global batch).
     Returns dict(train_acc, samples, seconds, free_steps, nudged_steps, dead): dead lists
     the FC layers whose units were all flat for every sample of the epoch (`dead_layers`)."""
@@ -89,7 +71,8 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
                dynamic_ncols=True)
     for batch in bar:
         idx = batch if dist is None else dist.shard(batch)
-        ids = training_ids(split, batch, hp, generator)
+        ids = split.ids[batch] if not hp.get("word_dropout") else \
+            drop_words(split.ids[batch], hp["word_dropout"], generator)
         ids = ids if dist is None else dist.shard(ids)
         if len(idx):
             x = embed(embeddings, ids.to(device), dtype)

@@ -222,12 +222,6 @@ def open_run_folder(args, data, config, log):
     return run
 
 
-def swappable(dataset):
-    """bool per class: does the label hold with the two fields exchanged (--pair-swap)."""
-    ds = registry.get(dataset)
-    return torch.tensor([c in ds.swap_classes for c in ds.classes])
-
-
 def training_hyper(args, data, ckpt):
     """What train_epoch needs (loops.train_epoch), with the warm-start table if any."""
     warm = fixed_point.WarmStarts(len(data.train), args.fc_layers, args.device_obj) \
@@ -238,8 +232,7 @@ def training_hyper(args, data, ckpt):
             "estimator": args.estimator, "batch_size": args.batch_size, "tol": args.tol,
             "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm, "sample_exit": args.sample_exit,
             "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
-            "free_tf32": args.tf32 and args.device_obj.type == "cuda", "word_dropout": args.word_dropout,
-            "pair_swap": args.pair_swap, "swappable": swappable(args.dataset)}
+            "free_tf32": args.tf32 and args.device_obj.type == "cuda", "word_dropout": args.word_dropout}
 
 
 def describe_training(args, model, data):

@@ -27,7 +27,6 @@ class Dataset:
     gamma: Optional[float] = None   # attention scale γ; None: 1/sqrt(D)
     clean: Optional[Callable] = None  # extra cleaning step after the common rule (text.clean_text)
     benchmark: dict = field(default_factory=dict)  # benchmark.py's default shape, if not the paper's
-    swap_classes: tuple = ()  # two fields: classes whose label holds with the fields swapped (--pair-swap)
 
     @property
     def n_classes(self):
@@ -88,6 +87,6 @@ register(Dataset(
 register(Dataset(
     name="SNLI", classes=("neutral", "contradiction", "entailment"), fields=("premise", "hypothesis"),
     projections=((0, 1), (1, 0), (0, 0), (1, 1)), seq_len=25, gamma=0.16, find_source=_find_snli,
-    clean=_split_sentence_punctuation, swap_classes=("contradiction",),
+    clean=_split_sentence_punctuation,
     paper={"fc_layers": [400, 3], "seqLen": 25, "lrs": [5e-4] * 4 + [2e-4] * 2,
            "T": 60, "K": 30, "betas": [0.0, 0.5], "batch_size": 200}))

@@ -1,6 +1,6 @@
 """The mathematics against independent definitions: plain loops from the formulas of Φ, the
 Hopfield retrieval and the SNLI pairing, hand-truncated autograd for BPTT, the layer mapping of
---lrs and the cosine schedule, word dropout and the pair swap, and two-phase EP with β1 ≠ 0. None of these reuse the code path
+--lrs and the cosine schedule, word dropout, and two-phase EP with β1 ≠ 0. None of these reuse the code path
 they check."""
 import json
 import math
@@ -144,18 +144,6 @@ def test_word_dropout_removes_each_token_with_p_and_closes_up_like_oov():
     real = (ids != 0).sum().item()
     assert 1 - (out != 0).sum().item() / real == pytest.approx(0.3, abs=0.03)
     assert loops.drop_words(ids, 0.0, g).equal(ids)
-
-
-def test_pair_swap_exchanges_the_fields_of_symmetric_classes_only():
-    labels = torch.arange(3000) % 3
-    ids = torch.randint(1, 50, (3000, 2, 5))
-    swappable = torch.tensor([False, True, False])   # SNLI: neutral, contradiction, entailment
-    out = loops.swap_pairs(ids, labels, swappable, 0.5, torch.Generator().manual_seed(1))
-    same = (out == ids).flatten(1).all(1)
-    swapped = (out[:, 0] == ids[:, 1]).flatten(1).all(1) & (out[:, 1] == ids[:, 0]).flatten(1).all(1)
-    assert (same | swapped).all() and same[labels != 1].all()
-    assert swapped[labels == 1].float().mean().item() == pytest.approx(0.5, abs=0.05)
-    assert loops.swap_pairs(ids, labels, swappable, 1.0, torch.Generator())[labels == 1].equal(ids[labels == 1].flip(1))
 
 
 def test_word_dropout_through_main_changes_training_only_and_is_recorded(tiny_imdb, capsys):

@@ -289,25 +289,6 @@ def test_snli_train_and_test_through_the_cli(tmp_path, capsys):
     assert rows[1].split("\t")[0] in registry.get("SNLI").classes
 
 
-def test_pair_swap_trains_snli_on_swapped_contradictions_and_is_refused_for_imdb(tmp_path, tiny_imdb, capsys):
-    from conftest import write_vectors
-    data = write_tiny_snli(tmp_path / "data")
-    vec = write_vectors(tmp_path / "v.txt", ["a", "man", "runs", "sits", "here", "the", "maybe", "never",
-                                             "surely", "."])
-    args = ["--dataset", "SNLI", "--data-dir", str(data), "--embeddings", str(vec), "--cache-dir",
-            str(tmp_path / "c"), "--seqLen", "6", "--fc_layers", "12", "3", "--lrs", *["0.01"] * 6,
-            "--T", "12", "--K", "6", "--betas", "0", "0.5", "--thirdphase", "--batch_size", "12",
-            "--epochs", "1", "--test-every", "0", "--save"]
-    assert main.main(args + ["--results-dir", str(tmp_path / "plain")]) == 0
-    assert main.main(args + ["--pair-swap", "1", "--results-dir", str(tmp_path / "swap")]) == 0
-    assert json.loads((tmp_path / "swap" / "config.json").read_text())["hyper"]["pair_swap"] == 1.0
-    a, b = weights(tmp_path / "plain" / "final_model.pt"), weights(tmp_path / "swap" / "final_model.pt")
-    assert any(not torch.equal(a[k], b[k]) for k in a)
-    capsys.readouterr()
-    assert main.main(base_args(tiny_imdb, "--pair-swap", "0.5")) == 2
-    assert "--pair-swap: IMDB has no class that holds with its fields swapped" in capsys.readouterr().err
-
-
 def test_export_stores_half_precision_weights_and_test_reproduces_its_accuracy(tiny_imdb, capsys):
     run, out = tiny_imdb["tmp"] / "run", tiny_imdb["tmp"] / "shipped"
     assert main.main(base_args(tiny_imdb, "--epochs", "2", "--save", "--results-dir", str(run))) == 0
