@@ -47,6 +47,13 @@ def non_negative(name):
     return rule
 
 
+def probability(name):
+    def rule(args):
+        v = _get(args, name)
+        return f"{_flag(name)} is a probability in [0, 1), got {v:g}" if v is not None and not 0 <= v < 1 else None
+    return rule
+
+
 def fc_layers(args):
     sizes = _get(args, "fc_layers")
     if sizes is None:
@@ -122,13 +129,6 @@ def decay_epochs_need_decay(args):
     return None
 
 
-def word_dropout(args):
-    p = _get(args, "word_dropout")
-    if p is not None and not 0 <= p < 1:
-        return f"--word-dropout is a probability in [0, 1), got {p:g}"
-    return None
-
-
 def bf16_dtype(args):
     if _get(args, "bf16") and (_get(args, "dtype") or "float32") != "float32":
         return f"--bf16 runs the free phase in bfloat16 beside a float32 model, not --dtype {args.dtype}"
@@ -139,7 +139,7 @@ RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positi
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
-         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, word_dropout]
+         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, probability("word_dropout")]
 
 
 def problems(args):

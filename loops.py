@@ -71,8 +71,9 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
                dynamic_ncols=True)
     for batch in bar:
         idx = batch if dist is None else dist.shard(batch)
-        ids = split.ids[batch] if not hp.get("word_dropout") else \
-            drop_words(split.ids[batch], hp["word_dropout"], generator)
+        ids = split.ids[batch]
+        if hp.get("word_dropout"):  # drawn over the global batch, before the shard (drop_words)
+            ids = drop_words(ids, hp["word_dropout"], generator)
         ids = ids if dist is None else dist.shard(ids)
         if len(idx):
             x = embed(embeddings, ids.to(device), dtype)
