@@ -27,7 +27,7 @@ from data_io import CACHE_ENV, DataError, load_cache, progress, save_cache, stab
 import registry
 from sources import SPLIT_SEED, Source, TokenBuilder, stratified_pick
 from text import RULES, dataset_name, tokenize
-from word_vectors import Vectors, fit_word2vec, resolve_embeddings
+from word_vectors import W2V_TRAIN, Vectors, concat_vectors, fit_word2vec, resolve_embeddings
 
 TOKENS_VERSION = 1             # bump when cleaning/tokenization changes
 PREPARED_VERSION = 1           # bump when vocabulary/ids construction changes
@@ -199,11 +199,17 @@ def _load_tokens(dataset, source, tokens_path, log, splits=None, rule='paper'):
 
 
 def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seqlearn-ep',
-                  imdb_source='auto', log=print, norm=None):
+                  imdb_source='auto', log=print, norm=None, skipgram=False, epochs=None, append=None):
     """word2vec vectors trained on the training texts of several datasets (IMDB: train+unsup,
     SNLI: train), written as .npz (words, float32 vectors) for --embeddings OUT.npz.
     norm: rescale every vector to this L2 norm (word2vec gives frequent words norms of 10-30,
-    which turn the Hopfield attention into a hard max on them)."""
+    which turn the Hopfield attention into a hard max on them).
+    skipgram, epochs: word2vec's algorithm (default CBOW) and passes (default 5).
+    append: an --embeddings name or file whose vectors are appended to each word's
+    (`concat_vectors`: both parts at equal weight), e.g. glove-6b-50d after 250-d word2vec."""
+    extra = resolve_embeddings(append, log) if append is not None else None
+    if extra is not None and extra.identity['kind'] == 'word2vec-train':
+        raise DataError('--append-vectors takes pretrained vectors (a file or a name), not word2vec-train')
     data_dir, cache_dir = Path(data_dir).expanduser(), Path(cache_dir).expanduser()
     corpus_docs = []
     for dataset in datasets:
@@ -211,9 +217,15 @@ def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seq
         source = _find_source(dataset, data_dir, cache_dir, imdb_source, log)
         tokens = _load_tokens(dataset, source, _tokens_key_path(dataset, source, cache_dir)[1], log)
         corpus_docs += [(tokens, s) for s in ('train', 'unsup') if s in tokens['splits']]
-    model = fit_word2vec(corpus_docs, dim, log)
+    settings = {'sg': int(skipgram)} | ({'epochs': epochs} if epochs is not None else {})
+    model = fit_word2vec(corpus_docs, dim, log, **settings)
     words = np.array(model.wv.index_to_key, dtype=str)
     vectors = np.asarray(model.wv.vectors, dtype=np.float32)
+    if extra is not None:
+        vectors, found = concat_vectors(model.wv.index_to_key, vectors, extra.load(None, cache_dir, log))
+        log(f'embeddings: appended {extra.identity["name"]} to {found:,} of {len(words):,} words '
+            f'(the others have zeros there)')
+        dim = vectors.shape[1]
     if norm is not None:
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12) * norm
     write_atomic(out, lambda f: np.savez(f, words=words, vectors=vectors))
@@ -400,6 +412,13 @@ def main(argv=None) -> int:
     v.add_argument('--vector-dim', type=int, default=300, help='size of the --train-vectors vectors')
     v.add_argument('--vector-norm', type=float, default=None,
                    help='rescale every --train-vectors vector to this L2 norm (default: as trained)')
+    v.add_argument('--vector-algorithm', choices=['cbow', 'skipgram'], default='cbow',
+                   help="word2vec's training algorithm (default: cbow)")
+    v.add_argument('--vector-epochs', type=int, default=None,
+                   help=f"word2vec's passes over the corpus (default: {W2V_TRAIN['epochs']})")
+    v.add_argument('--append-vectors', metavar='EMBEDDINGS', default=None,
+                   help='append these pretrained vectors (an --embeddings name or file, e.g. glove-6b-50d) to '
+                        "each trained vector, both parts at equal weight; the result's size is the sum")
     args = parser.parse_args(argv)
     if args.train_vectors is None and args.dataset is None:
         parser.error('give --dataset (prepare a dataset) or --train-vectors OUT.npz')
@@ -412,8 +431,11 @@ def main(argv=None) -> int:
                 raise DataError(f'--train-vectors must name a .npz file (got {args.train_vectors})')
             if args.vector_norm is not None and not args.vector_norm > 0:
                 raise DataError(f'--vector-norm must be positive (got {args.vector_norm})')
+            if args.vector_epochs is not None and not 1 <= args.vector_epochs <= 1000:
+                raise DataError(f'--vector-epochs must be between 1 and 1000 (got {args.vector_epochs})')
             train_vectors(args.corpus, args.vector_dim, args.train_vectors, args.data_dir,
-                          args.cache_dir, args.imdb_source, log, args.vector_norm)
+                          args.cache_dir, args.imdb_source, log, args.vector_norm,
+                          args.vector_algorithm == 'skipgram', args.vector_epochs, args.append_vectors)
             return 0
         data = load_data(args, log=log)
     except (DataError, OSError) as e:

@@ -207,8 +207,9 @@ def _train_word2vec(tokens, dim, cache_dir: Path, log) -> Vectors:
     return Vectors(dict(kv.key_to_index), vectors)
 
 
-def fit_word2vec(corpus_docs, dim, log):
-    """gensim Word2Vec (settings W2V_TRAIN) on the texts of [(tokens, split), ...]."""
+def fit_word2vec(corpus_docs, dim, log, **settings):
+    """gensim Word2Vec on the texts of [(tokens, split), ...]: W2V_TRAIN's settings, any of them
+    overridden by `settings` (e.g. sg=1 for skip-gram, epochs=10)."""
     from gensim.models import Word2Vec
     from gensim.models.callbacks import CallbackAny2Vec
 
@@ -227,22 +228,40 @@ def fit_word2vec(corpus_docs, dim, log):
         for i, c in enumerate(freq.tolist()):
             if c:
                 counts[words[i]] = counts.get(words[i], 0) + int(c)
-    log(f'embeddings: training word2vec ({dim}-d, {n_docs:,} texts, '
-        f'{sum(counts.values()):,} tokens, {W2V_TRAIN["workers"]} workers)')
-    model = Word2Vec(vector_size=dim, window=W2V_TRAIN['window'], min_count=W2V_TRAIN['min_count'],
-                     sg=W2V_TRAIN['sg'], workers=W2V_TRAIN['workers'], seed=W2V_TRAIN['seed'])
+    cfg = {**W2V_TRAIN, **settings}
+    log(f'embeddings: training word2vec ({dim}-d, {"skip-gram" if cfg["sg"] else "CBOW"}, {cfg["epochs"]} epochs, '
+        f'{n_docs:,} texts, {sum(counts.values()):,} tokens, {cfg["workers"]} workers)')
+    model = Word2Vec(vector_size=dim, window=cfg['window'], min_count=cfg['min_count'],
+                     sg=cfg['sg'], workers=cfg['workers'], seed=cfg['seed'])
     model.build_vocab_from_freq(counts, corpus_count=n_docs)
     if len(model.wv.index_to_key) == 0:
-        raise DataError(f'word2vec-train: no word occurs {W2V_TRAIN["min_count"]} times in the training texts')
+        raise DataError(f'word2vec-train: no word occurs {cfg["min_count"]} times in the training texts')
 
     class Bar(CallbackAny2Vec):
         def __init__(self):
-            self.bar = progress(total=W2V_TRAIN['epochs'], desc='word2vec epochs')
+            self.bar = progress(total=cfg['epochs'], desc='word2vec epochs')
 
         def on_epoch_end(self, _):
             self.bar.update()
 
     bar = Bar()
-    model.train(Docs(), total_examples=n_docs, epochs=W2V_TRAIN['epochs'], callbacks=[bar])
+    model.train(Docs(), total_examples=n_docs, epochs=cfg['epochs'], callbacks=[bar])
     bar.bar.close()
     return model
+
+
+def concat_vectors(words, vectors, other: Vectors):
+    """Append `other`'s vector to each of `words`' rows of `vectors`, each part at unit L2 norm and
+    with equal weight, so that both contribute half of every dot product (the attention logits).
+    A word `other` lacks keeps its own part alone, at unit norm, with zeros after it.
+    Returns float32 [len(words), D + other.dim] with unit-norm rows."""
+    def unit(v):
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    rows = np.array([other.index.get(w, -1) for w in words], dtype=np.int64)
+    found = rows >= 0
+    b = np.zeros((len(words), other.dim), dtype=np.float32)
+    b[found] = unit(np.asarray(other.vectors[rows[found]], dtype=np.float32))
+    a = unit(np.asarray(vectors, dtype=np.float32))
+    a[found] *= np.float32(np.sqrt(0.5))
+    b *= np.float32(np.sqrt(0.5))
+    return np.concatenate([a, b], axis=1), int(found.sum())

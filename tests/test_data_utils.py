@@ -731,6 +731,38 @@ def test_train_vectors_on_a_corpus_writes_unit_norm_npz_that_loads(tiny_imdb):
     assert du.main(["--train-vectors", "w2v.txt"]) == 2
 
 
+def test_train_vectors_skipgram_with_appended_vectors_keeps_both_parts_at_equal_weight(tiny_imdb):
+    from conftest import POS
+    other = {}
+    with open(tiny_imdb["vectors"]) as f:                       # the pretrained vectors appended
+        next(f)
+        for line in f:
+            w, *v = line.split()
+            other[w] = np.array(v, dtype=np.float64)
+    out = tiny_imdb["tmp"] / "w2v_plus.npz"
+    argv = ["--train-vectors", str(out), "--corpus", "IMDB", "--vector-dim", "4", "--vector-norm", "2",
+            "--vector-algorithm", "skipgram", "--vector-epochs", "2", "--append-vectors", str(tiny_imdb["vectors"]),
+            "--data-dir", str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]
+    assert du.main(argv) == 0
+    with np.load(out) as z:
+        words, vectors = z["words"].tolist(), z["vectors"].astype(np.float64)
+    assert vectors.shape == (len(words), 4 + 6)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 2.0, rtol=1e-5)
+    shared = [i for i, w in enumerate(words) if w in other]
+    alone = [i for i, w in enumerate(words) if w not in other]
+    assert shared and alone and set(POS) & {words[i] for i in shared}
+    for i in shared:                        # each part carries half of the squared norm; the appended one is other's direction
+        a, b = vectors[i, :4], vectors[i, 4:]
+        np.testing.assert_allclose([a @ a, b @ b], [2.0, 2.0], rtol=1e-5)
+        u = other[words[i]] / np.linalg.norm(other[words[i]])
+        np.testing.assert_allclose(b / np.linalg.norm(b), u, atol=1e-5)
+    assert np.all(vectors[alone, 4:] == 0)                        # words the appended set lacks: zeros there
+    bad = argv[:2] + ["--data-dir", str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]
+    assert du.main(bad + ["--vector-epochs", "0"]) == 2
+    assert du.main(bad + ["--append-vectors", "word2vec-train:8"]) == 2
+    assert du.main(bad + ["--append-vectors", str(tiny_imdb["tmp"] / "missing.txt")]) == 2
+
+
 def test_split_punctuation_rule_is_an_option_with_its_own_cache_and_travels_with_a_run(tmp_path, capsys):
     text = 'A great movie. The plot was good! Really?'
     assert 'movie.' in text_rules.tokenize(text, 'IMDB')                   # the paper's rule
