@@ -112,6 +112,8 @@ def add_flags(a):
       help="joint ±beta nudged phases stopped on delta's own relative change (main.py --tol-nudged)")
     a("--sample-exit", action="store_true", default=None,
       help="each sample leaves a phase on its own stopping rule, the batch shrinks (main.py --sample-exit)")
+    a("--bf16-matmul", action="store_true",
+      help="the solver's matmuls with bfloat16 weights, float32 states (main.py --bf16-matmul)")
     a("--fast", action="store_true",
       help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit unless given "
            "(warm starts need epochs, so main.py's training logs measure them)")
@@ -252,7 +254,8 @@ def train_step(model, opt, x, y, args, reference):
         _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
                                   args.tol, torch.bfloat16 if args.bf16 else None,
                                   free_tf32=args.tf32 == "free", anderson=args.anderson,
-                                  tol_nudged=args.tol_nudged, sample_exit=args.sample_exit)
+                                  tol_nudged=args.tol_nudged, sample_exit=args.sample_exit,
+                                  bf16_matmul=args.bf16_matmul)
     else:
         _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint,
                                     free_tf32=args.tf32 == "free")
@@ -333,7 +336,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = devices.DTYPES[args.dtype]
-    if args.bf16:
+    if args.bf16 or args.bf16_matmul:
         try:
             notice = ops.bf16_notice(device)
         except ValueError as e:
@@ -403,7 +406,7 @@ def report(model, args, device, runs, base, load):
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
                 "anderson": args.anderson, "tol_nudged": args.tol_nudged, "sample_exit": args.sample_exit,
-                "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
+                "bf16_matmul": args.bf16_matmul, "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
                 "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,
                 "step_gflop": step_flops(model, args.batch_size) / 1e9,

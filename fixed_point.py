@@ -289,7 +289,7 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
 
 
 def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
-                      anderson=0, signs=(1, -1), sample_exit=False):
+                      anderson=0, signs=(1, -1), sample_exit=False, p=None):
     """The nudged phases with β = sign·beta for each sign, run together as one batch (2B for
     ±β), so they take the same number of steps (a symmetric estimate stays symmetric) and share
     each matmul. The stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the
@@ -297,6 +297,7 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
     phase long before δ has converged. anderson: window of Anderson mixing (0: plain steps).
     sample_exit (with tol): each sample's phases stop together on its own measure (the largest
     over its rows, `solve_per_sample`); the steps returned are then the per-sample average.
+    p: parameters to use instead of the model's (bfloat16 copies: `--bf16-matmul`).
     Returns ([δ per sign], steps per phase)."""
     tol = _tol_floor(tol, s0[0].dtype)
     step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
@@ -308,11 +309,11 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
         setup, keys = _repeat(setup, n_ph), torch.cat([keys] * n_ph)
     g0, aux, r = setup
     if sample_exit and tol is not None:
-        d, n = solve_per_sample(lambda d, c: step(d, c[0], c[1], c[2], c[3]), [torch.zeros_like(t) for t in r],
+        d, n = solve_per_sample(lambda d, c: step(d, c[0], c[1], c[2], c[3], p), [torch.zeros_like(t) for t in r],
                                 ((g0, aux, r), keys, beta_rows, nudge), steps, tol, anderson, blocks=n_ph,
                                 mix_from=1 if anderson >= 2 else 0)
         return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
-    d, n = _anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge),
+    d, n = _anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge, p),
                      [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
     return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
 

@@ -17,12 +17,12 @@ import ops
 import registry
 from runs import UsageError, find_checkpoint, load_checkpoint, run_embeddings
 
-SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start", "sample_exit")  # the fixed-point options (EP only)
+SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start", "sample_exit", "bf16_matmul")  # the fixed-point options (EP only)
 FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # what --fast turns on (docs/speed.md)
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout"]
+         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout", "bf16_matmul"]
 
 
 def _get(args, name):
@@ -123,6 +123,16 @@ def sample_exit_rule(args):
     return None
 
 
+def bf16_matmul_rule(args):
+    if not _get(args, "bf16_matmul"):
+        return None
+    if _get(args, "tol") is None or _get(args, "tol_nudged") is None:
+        return "--bf16-matmul needs both stopping rules: give --tol and --tol-nudged (or --fast)"
+    if _get(args, "bf16") or (_get(args, "dtype") or "float32") != "float32":
+        return "--bf16-matmul keeps float32 states: drop --bf16 / --dtype float64"
+    return None
+
+
 def decay_epochs_need_decay(args):
     if "lr_decay_epochs" in (_get(args, "given") or ()) and _get(args, "lr_decay") is False:
         return "--lr-decay-epochs sets the length of --lr-decay's cosine: add --lr-decay"
@@ -139,7 +149,7 @@ RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positi
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
-         sample_exit_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, probability("word_dropout")]
+         sample_exit_rule, bf16_matmul_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, probability("word_dropout")]
 
 
 def problems(args):
@@ -218,6 +228,10 @@ def _solver_flags(a):
     a("--sample-exit", dest="sample_exit", action="store_true", default=None,
       help="with --tol / --tol-nudged: each sample leaves a phase as soon as its own relative change "
            "is below the tolerance, and the batch shrinks (the ±β phases of a sample stop together)")
+    a("--bf16-matmul", dest="bf16_matmul", action="store_true", default=None,
+      help="EP training with --tol and --tol-nudged: the phases multiply by bfloat16 copies of the "
+           "weights, states float32; the free phase finishes with float32 steps to --tol (fast on CPUs "
+           "with AVX512-BF16 and on GPUs; evaluation stays float32)")
 
 
 def _run_flags(a):
@@ -295,6 +309,7 @@ def resolve(args, saved=None):
     fill_fast(args)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
+                "bf16_matmul": False,
                 "weight_decay": 0.0, "lr_decay_epochs": 100, "word_dropout": 0.0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",

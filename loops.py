@@ -86,7 +86,8 @@ def train_epoch(model, optimizer, split, embeddings, hp, generator, desc="train"
                                          free_tf32=hp.get("free_tf32", False),
                                          anderson=hp.get("anderson") or 0, tol_nudged=hp.get("tol_nudged"),
                                          warm=None if warm is None else warm.get(idx, dtype),
-                                         sample_exit=hp.get("sample_exit", False))
+                                         sample_exit=hp.get("sample_exit", False),
+                                         bf16_matmul=hp.get("bf16_matmul", False))
                 if warm is not None:
                     warm.put(idx, info["free_fc"])
             else:

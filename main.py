@@ -121,7 +121,7 @@ def start_training(args, log):
             f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
     if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start or args.sample_exit):
         log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
-            "them), not the --fast/--anderson/--tol-nudged/--warm-start/--sample-exit solver of training")
+            "them), not the --fast/--anderson/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver of training")
     if ckpt and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     return ckpt
@@ -231,6 +231,7 @@ def training_hyper(args, data, ckpt):
     return {"alg": args.alg, "T": args.T, "K": args.K, "betas": tuple(args.betas),
             "estimator": args.estimator, "batch_size": args.batch_size, "tol": args.tol,
             "anderson": args.anderson, "tol_nudged": args.tol_nudged, "warm": warm, "sample_exit": args.sample_exit,
+            "bf16_matmul": args.bf16_matmul,
             "free_dtype": torch.bfloat16 if args.bf16 else None, "bptt_checkpoint": args.bptt_checkpoint,
             "free_tf32": args.tf32 and args.device_obj.type == "cuda", "word_dropout": args.word_dropout}
 
@@ -403,7 +404,7 @@ def gducheck(args, log):
     model = model.to(args.device_obj)
     solver = args.anderson or args.tol_nudged or args.warm_start or args.tol or args.sample_exit
     log("GDU check: plain synchronous steps, T free then K nudged (the steps the theorem is about)"
-        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start/--sample-exit solver is not used here"
+        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver is not used here"
            if solver else ""))
     out_dir = args.results_dir or default_run_dir(args, "gducheck")  # never into --load-path
     os.makedirs(out_dir, exist_ok=True)
@@ -510,7 +511,7 @@ def main(argv=None):
             args.device_obj = devices.pick_device(args.device, log)
         if args.device_obj.type == "cuda":  # full float32 everywhere; TF32 only in free phases (hp)
             devices.set_cuda_tf32(False)
-        if args.bf16:
+        if args.bf16 or (args.bf16_matmul and args.execute == "train"):
             notice = ops.bf16_notice(args.device_obj)  # ValueError: one line, exit 2
             if notice:
                 log(notice)

@@ -456,6 +456,10 @@ def check_finite(s, phase):
             raise DivergenceError(f"non-finite values in {name} after the {phase} phase")
 
 
+# --bf16-matmul: the free phase's bfloat16-weight steps stop at this relative change (their
+# products round at 2⁻⁹ relative, so their map has no sharper fixed point); float32 steps finish.
+BF16_MATMUL_TOL = 1e-2
+
 # EP estimators (docs/method.md §2): the Hebbian terms of two states are differenced and divided by
 # the gap between their β. Each state is named by the sign of the nudge β2 it was reached with
 # (0: the free state, at β1).
@@ -484,7 +488,8 @@ def estimator_gap(estimator, betas):
 
 
 def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free_dtype=None,
-                 reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None, sample_exit=False):
+                 reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None, sample_exit=False,
+                 bf16_matmul=False):
     """Free phase then nudged phase(s); set `.grad` of every parameter to the EP estimate
     of the loss gradient (docs/method.md §2). Returns (free-phase output [B, C], info dict with the
     steps used, the seconds spent in each phase and the free state's FC layers "free_fc").
@@ -500,14 +505,16 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     iterates of every phase (at most T and K applications of the step); tol_nudged runs the
     nudged phases as one batch, stopped together when δ changes by less than tol_nudged relative
     to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`);
-    sample_exit: each sample leaves a phase on its own stopping rule (`fixed_point.solve_per_sample`)."""
+    sample_exit: each sample leaves a phase on its own stopping rule (`fixed_point.solve_per_sample`);
+    bf16_matmul (with tol and tol_nudged): the phases' matmuls use bfloat16 copies of the weights
+    with float32 states (`BF16_MATMUL_TOL`, docs/speed.md)."""
     beta1, beta2 = betas
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
     clock = Clock(x.device)
     with torch.no_grad(), cuda_tf32(free_tf32):
         s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm,
-                                             sample_exit)
+                                             sample_exit, bf16_matmul)
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
             drive, keys = model.precompute(x)
@@ -521,7 +528,7 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
             diff = None
         else:
             states, diff, n_nudged = nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol, anderson, tol_nudged,
-                                                   sample_exit)
+                                                   sample_exit, bf16_matmul)
         for sg in signs:
             check_finite(states[sg], f"nudged ({'+' if sg > 0 else '-'}beta)")
         nudged_s = clock()
@@ -533,11 +540,25 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
 
 
 def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None,
-               sample_exit=False):
+               sample_exit=False, bf16_matmul=False):
     """The free phase of `ep_gradients` (its arguments), run in free_dtype on copies of the
     weights when that differs from x's. Returns the free state s⁰ in x's dtype, the steps taken,
-    and the input drive and keys in x's dtype (`EPNet.precompute`)."""
+    and the input drive and keys in x's dtype (`EPNet.precompute`).
+    bf16_matmul: first up to T steps with bfloat16 copies of the weights (float32 states) until
+    the relative change is below max(tol, BF16_MATMUL_TOL), then up to T float32 steps from
+    their FC states to tol, so the fixed point is the float32 one; the steps are the sum."""
     drive, keys = model.precompute(x)
+    if bf16_matmul:
+        if tol is None or reference or free_dtype not in (None, x.dtype):
+            raise ValueError("bf16_matmul needs a stopping tolerance, the fast path and float32 states")
+        p16 = [w.to(torch.bfloat16) for w in model.params()]
+        init = model.init_states(x.shape[0], x.device, x.dtype) if warm is None else \
+            model.warm_states(warm, drive, keys)
+        s, n1 = relax(model, init, drive, keys, T, beta1, y, max(tol, BF16_MATMUL_TOL), p16, anderson=anderson,
+                      sample_exit=sample_exit)
+        s0, n2 = relax(model, model.warm_states(s[1:], drive, keys), drive, keys, T, beta1, y, tol,
+                       anderson=anderson, sample_exit=sample_exit)
+        return s0, n1 + n2, drive, keys
     if free_dtype in (None, x.dtype):
         p, dt = None, x.dtype
     elif reference:
@@ -553,17 +574,22 @@ def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=F
 
 
 def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=0, tol_nudged=None,
-                  sample_exit=False):
+                  sample_exit=False, bf16_matmul=False):
     """The nudged phases of an estimator `pair` (ESTIMATORS) from the free state s0, run on
     offsets δ = s − s0: together with a solver (`relax_nudged_pair`), else one by one. Returns
-    ({sign: state}, the δ difference of the pair, steps over all phases)."""
+    ({sign: state}, the δ difference of the pair, steps over all phases).
+    bf16_matmul: the δ steps multiply by bfloat16 copies of the weights; δ, the setup at s0 and
+    the stopping rule stay float32 (the products' rounding is relative to δ, not to s)."""
     beta1, beta2 = betas
     signs = [sg for sg in pair if sg != 0]
     setup = model.nudged_setup(s0, drive, keys, beta1, y)
     deltas, n_nudged = {0: [torch.zeros_like(t) for t in s0]}, 0
+    if bf16_matmul and tol_nudged is None:
+        raise ValueError("bf16_matmul needs tol_nudged")
     if anderson or tol_nudged is not None:
+        p16 = [w.to(torch.bfloat16) for w in model.params()] if bf16_matmul else None
         ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs,
-                                  sample_exit)
+                                  sample_exit, p16)
         deltas.update(zip(signs, ds))
         n_nudged = n * len(signs)
     else:

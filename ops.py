@@ -177,6 +177,11 @@ def linear(x, w, b=None, add=None):
     CPU has the instructions), it takes that kernel, which uses AVX-512 where the CPU has it,
     while MKL (behind torch.matmul, and the GEMM torch.compile picks) may stay on AVX2 (about
     2x slower on AMD); elsewhere F.linear. Same dtype in, accumulation and out as F.linear."""
+    if w.dtype != x.dtype and w.dtype.itemsize < x.dtype.itemsize:
+        # low-precision copies of the weights (--bf16-matmul): the product in their dtype,
+        # returned in the states' (the rounding is that of w's dtype, the states stay as they are)
+        out = linear(x.to(w.dtype), w, b).to(x.dtype)
+        return out if add is None else out.add_(add)
     if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES
             and w.dtype == x.dtype and _plain(x) and _plain(w)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):

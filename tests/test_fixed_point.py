@@ -330,3 +330,54 @@ def test_estimator_flag_through_main(tiny_imdb, capsys):
     bad = [a if a != "0.5" else "0" for a in args]  # --betas 0 0 (β1 + β2 = 0)
     assert main.main(bad + ["--estimator", "one-sided-negative"]) == 2
     assert "divides by β1 + β2" in capsys.readouterr().err
+
+
+# --bf16-matmul: bfloat16 copies of the weights in the matmuls, float states
+def test_linear_with_low_precision_weights_multiplies_in_their_dtype_and_returns_the_states_dtype():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(6, 40, generator=g), torch.randn(5, 40, generator=g), torch.randn(5, generator=g)
+    add = torch.randn(6, 5, generator=g)
+    w16, b16 = w.bfloat16(), b.bfloat16()
+    out = ops.linear(x, w16, b16, add=add)
+    assert out.dtype == torch.float32
+    want = torch.nn.functional.linear(x.bfloat16(), w16, b16).float() + add
+    torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2)       # a bf16 ulp: kernels may round apart
+    assert not torch.equal(out, torch.nn.functional.linear(x, w, b) + add)
+    torch.testing.assert_close(ops.linear(x, w16.t().contiguous().t()), ops.linear(x, w16))
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_bf16_matmul_free_phase_ends_at_the_float_fixed_point(dataset):
+    model, x, y = converged_problem(dataset)
+    with torch.no_grad():
+        s, n, _, _ = mu.free_phase(model, x, y, 400, tol=1e-12, anderson=5, sample_exit=True, bf16_matmul=True)
+    assert max_diff(s, plain_fixed_point(model, x)) < 1e-10 and n < 200
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_bf16_matmul_estimate_is_the_float_estimate_to_bfloat16_rounding(dataset):
+    model, x, y = converged_problem(dataset)
+    mu.ep_gradients(model, x, y, 400, 300, (0.0, 0.05), True, tol=1e-12, anderson=5, tol_nudged=1e-10)
+    want = [p.grad.clone() for p in model.params()]
+    mu.ep_gradients(model, x, y, 400, 300, (0.0, 0.05), True, tol=1e-12, anderson=5, tol_nudged=1e-2,
+                    sample_exit=True, bf16_matmul=True)
+    errs = [rel_err(p.grad, w) for p, w in zip(model.params(), want)]
+    assert 1e-6 < max(errs) < 2e-2      # bfloat16 products (measured 2.4e-3 IMDB, 4.9e-3 SNLI): close, not equal
+    with pytest.raises(ValueError, match="needs"):
+        mu.ep_gradients(model, x, y, 30, 10, (0.0, 0.05), True, bf16_matmul=True)
+
+
+def test_bf16_matmul_through_main_is_recorded_and_needs_both_stopping_rules(tiny_imdb, capsys):
+    import main
+    from test_main import base_args
+    tmp = tiny_imdb["tmp"]
+    assert main.main(base_args(tiny_imdb, "--fast", "--bf16-matmul", "--epochs", "1", "--save",
+                               "--results-dir", str(tmp / "bf"))) == 0
+    assert json.loads((tmp / "bf" / "config.json").read_text())["hyper"]["bf16_matmul"] is True
+    capsys.readouterr()
+    for bad, msg in ((["--bf16-matmul"], "needs both stopping rules"),
+                     (["--fast", "--bf16-matmul", "--bf16"], "keeps float32 states"),
+                     (["--fast", "--bf16-matmul", "--alg", "BPTT"], "applies to EP training")):
+        assert main.main(base_args(tiny_imdb, "--epochs", "1", *bad)) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
