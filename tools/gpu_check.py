@@ -11,7 +11,7 @@ the remaining sections are skipped and say so):
   precision  the shipped SNLI model's EP gradient on real SNLI test pairs against float64, per
              layer: float32, TF32 in the free phase (main.py's CUDA default), TF32 everywhere,
              bfloat16 free phase
-  test       `main.py --execute test` of saved_models/test_SNLI_25_300 (the CPU gets 6281/9824)
+  test       `main.py --execute test` of saved_models/test_SNLI_25_300 (the CPU gets 6453/9824)
   speed      benchmark.py at the paper's IMDB and SNLI shapes: fast path (float32, TF32, bf16,
              compile) and the autograd-per-step reference; samples/s and peak memory; BPTT
              memory against K
