@@ -126,8 +126,8 @@ def sample_exit_rule(args):
 def bf16_matmul_rule(args):
     if not _get(args, "bf16_matmul"):
         return None
-    if _get(args, "tol") is None or _get(args, "tol_nudged") is None:
-        return "--bf16-matmul needs both stopping rules: give --tol and --tol-nudged (or --fast)"
+    if _get(args, "tol_nudged") is None:
+        return "--bf16-matmul needs the nudged phases' stopping rule: give --tol-nudged (or --fast)"
     if _get(args, "bf16") or (_get(args, "dtype") or "float32") != "float32":
         return "--bf16-matmul keeps float32 states: drop --bf16 / --dtype float64"
     return None
@@ -229,9 +229,9 @@ def _solver_flags(a):
       help="with --tol / --tol-nudged: each sample leaves a phase as soon as its own relative change "
            "is below the tolerance, and the batch shrinks (the ±β phases of a sample stop together)")
     a("--bf16-matmul", dest="bf16_matmul", action="store_true", default=None,
-      help="EP training with --tol and --tol-nudged: the phases multiply by bfloat16 copies of the "
-           "weights, states float32; the free phase finishes with float32 steps to --tol (fast on CPUs "
-           "with AVX512-BF16 and on GPUs; evaluation stays float32)")
+      help="EP training with --tol-nudged: the nudged phases multiply by bfloat16 copies of the weights, "
+           "δ = s − s0 stays float32; free phase, Hebbian estimate and evaluation unchanged (fast on CPUs "
+           "with AVX512-BF16 and on GPUs)")
 
 
 def _run_flags(a):

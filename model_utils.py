@@ -456,10 +456,6 @@ def check_finite(s, phase):
             raise DivergenceError(f"non-finite values in {name} after the {phase} phase")
 
 
-# --bf16-matmul: the free phase's bfloat16-weight steps stop at this relative change (their
-# products round at 2⁻⁹ relative, so their map has no sharper fixed point); float32 steps finish.
-BF16_MATMUL_TOL = 1e-2
-
 # EP estimators (docs/method.md §2): the Hebbian terms of two states are differenced and divided by
 # the gap between their β. Each state is named by the sign of the nudge β2 it was reached with
 # (0: the free state, at β1).
@@ -506,15 +502,15 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     nudged phases as one batch, stopped together when δ changes by less than tol_nudged relative
     to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`);
     sample_exit: each sample leaves a phase on its own stopping rule (`fixed_point.solve_per_sample`);
-    bf16_matmul (with tol and tol_nudged): the phases' matmuls use bfloat16 copies of the weights
-    with float32 states (`BF16_MATMUL_TOL`, docs/speed.md)."""
+    bf16_matmul (with tol_nudged): the nudged phases multiply by bfloat16 copies of the weights,
+    δ and everything else staying in the model's dtype (docs/speed.md)."""
     beta1, beta2 = betas
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
     clock = Clock(x.device)
     with torch.no_grad(), cuda_tf32(free_tf32):
         s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm,
-                                             sample_exit, bf16_matmul)
+                                             sample_exit)
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
             drive, keys = model.precompute(x)
@@ -540,25 +536,11 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
 
 
 def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None,
-               sample_exit=False, bf16_matmul=False):
+               sample_exit=False):
     """The free phase of `ep_gradients` (its arguments), run in free_dtype on copies of the
     weights when that differs from x's. Returns the free state s⁰ in x's dtype, the steps taken,
-    and the input drive and keys in x's dtype (`EPNet.precompute`).
-    bf16_matmul: first up to T steps with bfloat16 copies of the weights (float32 states) until
-    the relative change is below max(tol, BF16_MATMUL_TOL), then up to T float32 steps from
-    their FC states to tol, so the fixed point is the float32 one; the steps are the sum."""
+    and the input drive and keys in x's dtype (`EPNet.precompute`)."""
     drive, keys = model.precompute(x)
-    if bf16_matmul:
-        if tol is None or reference or free_dtype not in (None, x.dtype):
-            raise ValueError("bf16_matmul needs a stopping tolerance, the fast path and float32 states")
-        p16 = [w.to(torch.bfloat16) for w in model.params()]
-        init = model.init_states(x.shape[0], x.device, x.dtype) if warm is None else \
-            model.warm_states(warm, drive, keys)
-        s, n1 = relax(model, init, drive, keys, T, beta1, y, max(tol, BF16_MATMUL_TOL), p16, anderson=anderson,
-                      sample_exit=sample_exit)
-        s0, n2 = relax(model, model.warm_states(s[1:], drive, keys), drive, keys, T, beta1, y, tol,
-                       anderson=anderson, sample_exit=sample_exit)
-        return s0, n1 + n2, drive, keys
     if free_dtype in (None, x.dtype):
         p, dt = None, x.dtype
     elif reference:
