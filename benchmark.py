@@ -113,7 +113,7 @@ def add_flags(a):
     a("--sample-exit", action="store_true", default=None,
       help="each sample leaves a phase on its own stopping rule, the batch shrinks (main.py --sample-exit)")
     a("--bf16-matmul", action="store_true",
-      help="the solver's matmuls with bfloat16 weights, float32 states (main.py --bf16-matmul)")
+      help="the nudged phases' matmuls with bfloat16 weights, delta float32 (main.py --bf16-matmul)")
     a("--fast", action="store_true",
       help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit unless given "
            "(warm starts need epochs, so main.py's training logs measure them)")
@@ -406,7 +406,8 @@ def report(model, args, device, runs, base, load):
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
                 "anderson": args.anderson, "tol_nudged": args.tol_nudged, "sample_exit": args.sample_exit,
-                "bf16_matmul": args.bf16_matmul, "compile": args.compile, "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
+                "bf16_matmul": args.bf16_matmul, "compile": args.compile,
+                "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
                 "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,
                 "step_gflop": step_flops(model, args.batch_size) / 1e9,

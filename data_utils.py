@@ -27,7 +27,7 @@ from data_io import CACHE_ENV, DataError, load_cache, progress, save_cache, stab
 import registry
 from sources import SPLIT_SEED, Source, TokenBuilder, stratified_pick
 from text import RULES, dataset_name, tokenize
-from word_vectors import W2V_TRAIN, Vectors, concat_vectors, fit_word2vec, resolve_embeddings
+from word_vectors import W2V_TRAIN, Vectors, concat_vectors, fit_word2vec, resolve_embeddings, unit_rows
 
 TOKENS_VERSION = 1             # bump when cleaning/tokenization changes
 PREPARED_VERSION = 1           # bump when vocabulary/ids construction changes
@@ -227,7 +227,7 @@ def train_vectors(datasets, dim, out, data_dir='./data', cache_dir='~/.cache/seq
             f'(the others have zeros there)')
         dim = vectors.shape[1]
     if norm is not None:
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12) * norm
+        vectors = unit_rows(vectors) * norm
     write_atomic(out, lambda f: np.savez(f, words=words, vectors=vectors))
     log(f'embeddings: wrote {len(words):,} {dim}-d word2vec vectors to {out}')
     return Path(out)

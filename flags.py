@@ -17,7 +17,8 @@ import ops
 import registry
 from runs import UsageError, find_checkpoint, load_checkpoint, run_embeddings
 
-SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start", "sample_exit", "bf16_matmul")  # the fixed-point options (EP only)
+# the fixed-point options (EP only)
+SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start", "sample_exit", "bf16_matmul")
 FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # what --fast turns on (docs/speed.md)
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
@@ -149,7 +150,8 @@ RULES = data_utils.DATA_RULES + [fc_layers, positive("T"), positive("K"), positi
          non_negative("epochs"), bptt_window, betas, lrs, positive("gamma"), positive("tol"),
          positive("tol_nudged"), non_negative("anderson"), non_negative("weight_decay"),
          non_negative("test_every"), non_negative("bptt_checkpoint"), ep_only, bf16_dtype,
-         sample_exit_rule, bf16_matmul_rule, positive("lr_decay_epochs"), decay_epochs_need_decay, probability("word_dropout")]
+         sample_exit_rule, bf16_matmul_rule, positive("lr_decay_epochs"), decay_epochs_need_decay,
+         probability("word_dropout")]
 
 
 def problems(args):

@@ -121,7 +121,8 @@ def start_training(args, log):
             f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
     if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start or args.sample_exit):
         log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
-            "them), not the --fast/--anderson/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver of training")
+            "them), not the --fast/--anderson/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver "
+            "of training")
     if ckpt and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     return ckpt
@@ -404,8 +405,8 @@ def gducheck(args, log):
     model = model.to(args.device_obj)
     solver = args.anderson or args.tol_nudged or args.warm_start or args.tol or args.sample_exit
     log("GDU check: plain synchronous steps, T free then K nudged (the steps the theorem is about)"
-        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver is not used here"
-           if solver else ""))
+        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver "
+           "is not used here" if solver else ""))
     out_dir = args.results_dir or default_run_dir(args, "gducheck")  # never into --load-path
     os.makedirs(out_dir, exist_ok=True)
     n = min(args.gdu_samples, len(data.test))

@@ -250,18 +250,21 @@ def fit_word2vec(corpus_docs, dim, log, **settings):
     return model
 
 
+def unit_rows(v):
+    """Each row of v scaled to L2 norm 1 (zero rows stay zero)."""
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
 def concat_vectors(words, vectors, other: Vectors):
     """Append `other`'s vector to each of `words`' rows of `vectors`, each part at unit L2 norm and
     with equal weight, so that both contribute half of every dot product (the attention logits).
     A word `other` lacks keeps its own part alone, at unit norm, with zeros after it.
     Returns float32 [len(words), D + other.dim] with unit-norm rows."""
-    def unit(v):
-        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     rows = np.array([other.index.get(w, -1) for w in words], dtype=np.int64)
     found = rows >= 0
     b = np.zeros((len(words), other.dim), dtype=np.float32)
-    b[found] = unit(np.asarray(other.vectors[rows[found]], dtype=np.float32))
-    a = unit(np.asarray(vectors, dtype=np.float32))
+    b[found] = unit_rows(np.asarray(other.vectors[rows[found]], dtype=np.float32))
+    a = unit_rows(np.asarray(vectors, dtype=np.float32))
     a[found] *= np.float32(np.sqrt(0.5))
     b *= np.float32(np.sqrt(0.5))
     return np.concatenate([a, b], axis=1), int(found.sum())

@@ -52,7 +52,7 @@ def main(argv=None):
         "Anderson 5, same rules": dict(T=T, K=K, tol=1e-3, tol_nudged=1e-2, anderson=5),
         "--fast (Anderson 5, same rules, --sample-exit)": dict(T=T, K=K, tol=1e-3, tol_nudged=1e-2, anderson=5,
                                                               sample_exit=True),
-        "--fast --bf16-matmul (bfloat16 weights, float32 states)": dict(T=T, K=K, tol=1e-3, tol_nudged=1e-2,
+        "--fast --bf16-matmul (bfloat16 weights in the nudged phases)": dict(T=T, K=K, tol=1e-3, tol_nudged=1e-2,
                                                                        anderson=5, sample_exit=True,
                                                                        bf16_matmul=True),
         f"plain free phase up to {args.ref_steps} steps": dict(T=args.ref_steps, K=args.ref_steps, tol=1e-6,
