@@ -347,6 +347,12 @@ def validate(args):
                              f"steps, in --gdu-dtype")
 
 
+def solver_flags_given(args, extra=()):
+    """The solver flags (`SOLVER_FLAGS`, plus `extra`) this command sets, as '--a/--b' for the
+    notices of the modes that take the plain synchronous steps instead ('' when none is set)."""
+    return "/".join(f"--{f.replace('_', '-')}" for f in SOLVER_FLAGS + tuple(extra) if getattr(args, f, None))
+
+
 def unused_flags(args):
     """Flags of the other algorithm, accepted so that one command switches by --alg alone."""
     if args.execute == "gducheck":  # the theorem is about the plain synchronous steps

@@ -34,7 +34,7 @@ import runs
 from data_io import save_json, save_torch
 from data_utils import load_for_run as load_data
 from export import export
-from flags import build_parser, hyper_of, load_for_eval, resolve, unused_flags, validate
+from flags import build_parser, hyper_of, load_for_eval, resolve, solver_flags_given, unused_flags, validate
 from runs import (CHECKPOINT_FORMAT, UsageError, abandon_run_dir, command_line, default_run_dir,
                   deferred_sigint, find_checkpoint, load_checkpoint, model_only, new_history,
                   prepare_run_dir, restore_model, run_embeddings, save_epoch, seed_everything,
@@ -119,10 +119,9 @@ def start_training(args, log):
     if unused_flags(args):
         log(f"notice: {' and '.join(unused_flags(args))} only apply to --alg "
             f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
-    if args.check_thm and (args.anderson or args.tol_nudged or args.warm_start or args.sample_exit):
+    if args.check_thm and solver_flags_given(args):
         log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
-            "them), not the --fast/--anderson/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver "
-            "of training")
+            f"them), not the {solver_flags_given(args)} solver of training")
     if ckpt and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     return ckpt
@@ -403,10 +402,9 @@ def gducheck(args, log):
         model = mu.EPNet(args.dataset, args.seqLen, data.embed_dim, args.fc_layers, args.act, args.gamma,
                          args.init)
     model = model.to(args.device_obj)
-    solver = args.anderson or args.tol_nudged or args.warm_start or args.tol or args.sample_exit
+    solver = solver_flags_given(args, extra=("tol",))
     log("GDU check: plain synchronous steps, T free then K nudged (the steps the theorem is about)"
-        + ("; the run's --fast/--anderson/--tol/--tol-nudged/--warm-start/--sample-exit/--bf16-matmul solver "
-           "is not used here" if solver else ""))
+        + (f"; the run's {solver} solver is not used here" if solver else ""))
     out_dir = args.results_dir or default_run_dir(args, "gducheck")  # never into --load-path
     os.makedirs(out_dir, exist_ok=True)
     n = min(args.gdu_samples, len(data.test))

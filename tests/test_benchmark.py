@@ -215,7 +215,10 @@ def test_gpu_check_quick_mode_runs_every_section(tmp_path):
     data = REAL_DATA if (REAL_DATA / "snli").is_dir() else tmp_path / "none"
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(root / "tools" / "gpu_check.py"), "--quick", "--data-dir", str(data),
-                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                           # every section must run: its own 450 s budget (a GPU-time cap) skips
+                           # the last ones on a loaded CPU, so the test's limit is the timeout
+                           "--budget-s", "850"],
                           cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -378,3 +378,14 @@ def test_bf16_matmul_through_main_is_recorded_and_needs_the_nudged_stopping_rule
         assert main.main(base_args(tiny_imdb, "--epochs", "1", *bad)) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_solver_flags_given_names_the_flags_in_effect():
+    """The notices of --check-thm and gducheck name the solver flags that they do not use."""
+    import argparse
+    import flags
+    args = argparse.Namespace(fast=True, anderson=5, tol_nudged=1e-2, warm_start=False, sample_exit=True,
+                              bf16_matmul=False, tol=1e-3)
+    assert flags.solver_flags_given(args) == "--fast/--anderson/--tol-nudged/--sample-exit"
+    assert flags.solver_flags_given(args, extra=("tol",)) == "--fast/--anderson/--tol-nudged/--sample-exit/--tol"
+    assert flags.solver_flags_given(argparse.Namespace(anderson=0, tol=None)) == ""
