@@ -119,9 +119,10 @@ def start_training(args, log):
     if unused_flags(args):
         log(f"notice: {' and '.join(unused_flags(args))} only apply to --alg "
             f"{'EP' if args.alg == 'BPTT' else 'BPTT'}; this {args.alg} run ignores them")
-    if args.check_thm and solver_flags_given(args):
+    solver = solver_flags_given(args)
+    if args.check_thm and solver:
         log("notice: --check-thm takes the plain synchronous T and K steps (the theorem is about "
-            f"them), not the {solver_flags_given(args)} solver of training")
+            f"them), not the {solver} solver of training")
     if ckpt and args.embeddings == "auto" and run_embeddings(args.load_path):
         args.embeddings = run_embeddings(args.load_path)  # the exact vectors the run was trained with
     return ckpt
