@@ -112,10 +112,13 @@ def add_flags(a):
       help="joint ±beta nudged phases stopped on delta's own relative change (main.py --tol-nudged)")
     a("--sample-exit", action="store_true", default=None,
       help="each sample leaves a phase on its own stopping rule, the batch shrinks (main.py --sample-exit)")
+    a("--merge-keys", action=argparse.BooleanOptionalAction, default=None,
+      help="the retrieval over each text's distinct tokens, weighted by their counts (main.py --merge-keys; "
+           "random inputs have none to merge: time it with --load-path)")
     a("--bf16-matmul", action="store_true",
       help="the nudged phases' matmuls with bfloat16 weights, delta float32 (main.py --bf16-matmul)")
     a("--fast", action="store_true",
-      help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit unless given "
+      help="main.py's --fast solver: --anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit --merge-keys unless given "
            "(warm starts need epochs, so main.py's training logs measure them)")
     a("--compile", action="store_true", help="torch.compile the step of the dynamics")
     a("--bptt-checkpoint", type=int, default=0, metavar="C",
@@ -142,7 +145,7 @@ def parse_args(argv=None):
     if (args.reference or args.compare) and args.alg == "BPTT":
         p.error("--reference/--compare time the original EP dynamics: drop --alg BPTT")
     flags.fill_fast(args)
-    args.anderson, args.sample_exit = args.anderson or 0, bool(args.sample_exit)
+    args.anderson, args.sample_exit, args.merge_keys = args.anderson or 0, bool(args.sample_exit), bool(args.merge_keys)
     solver = args.tol or args.anderson or args.tol_nudged
     if args.reference and (args.bf16 or solver or args.compile):
         p.error("--reference times the original dynamics (float, fixed T and K, autograd per step): "
@@ -377,6 +380,7 @@ def build(args, device, dtype):
     model = model.to(device, dtype)
     if args.compile:
         model.compile_step()
+    model.merge_keys = args.merge_keys  # the reference dynamics never merge (ep_gradients)
     devices.set_cuda_tf32(args.tf32 == "all")
     return model
 
@@ -406,7 +410,7 @@ def report(model, args, device, runs, base, load):
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                 "dynamics": "reference" if args.reference else "fast", "tol": args.tol,
                 "anderson": args.anderson, "tol_nudged": args.tol_nudged, "sample_exit": args.sample_exit,
-                "bf16_matmul": args.bf16_matmul, "compile": args.compile,
+                "bf16_matmul": args.bf16_matmul, "merge_keys": args.merge_keys, "compile": args.compile,
                 "bptt_checkpoint": args.bptt_checkpoint, "tf32": args.tf32,
                 "inputs": f"training data of {args.load_path}" if args.data else "random",
                 "batch_size": args.batch_size, "batches": args.batches,

@@ -124,7 +124,7 @@ def _repeat(obj, n):
     if isinstance(obj, torch.Tensor):
         return torch.cat([obj] * n)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_repeat(o, n) for o in obj)
+        return _like(obj, [_repeat(o, n) for o in obj])
     return obj
 
 
@@ -133,8 +133,13 @@ def _take(obj, rows):
     if isinstance(obj, torch.Tensor):
         return obj.index_select(0, rows)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_take(o, rows) for o in obj)
+        return _like(obj, [_take(o, rows) for o in obj])
     return obj
+
+
+def _like(obj, items):
+    """A list, tuple or named tuple (`ops.MergedKeys`) of obj's type holding items."""
+    return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
 
 
 class _History:
@@ -306,7 +311,7 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
     beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
                            for sg in signs])
     if n_ph > 1:
-        setup, keys = _repeat(setup, n_ph), torch.cat([keys] * n_ph)
+        setup, keys = _repeat(setup, n_ph), _repeat(keys, n_ph)
     g0, aux, r = setup
     if sample_exit and tol is not None:
         d, n = solve_per_sample(lambda d, c: step(d, c[0], c[1], c[2], c[3], p), [torch.zeros_like(t) for t in r],

@@ -19,11 +19,12 @@ from runs import UsageError, find_checkpoint, load_checkpoint, run_embeddings
 
 # the fixed-point options (EP only)
 SOLVER_FLAGS = ("fast", "anderson", "tol_nudged", "warm_start", "sample_exit", "bf16_matmul")
-FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True}  # what --fast turns on (docs/speed.md)
+FAST = {"anderson": 5, "tol": 1e-3, "tol_nudged": 1e-2, "sample_exit": True, "merge_keys": True}  # what --fast turns on (docs/speed.md)
 # Hyperparameters a saved run remembers; explicit flags override them, dataset defaults fill the rest.
 HYPER = ["alg", "T", "K", "betas", "thirdphase", "estimator", "lrs", "lr_decay", "epochs", "batch_size",
          "seed", "tol", "dtype", "test_every", "bf16", "init", "fast", "anderson", "tol_nudged",
-         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout", "bf16_matmul"]
+         "warm_start", "sample_exit", "weight_decay", "lr_decay_epochs", "word_dropout", "bf16_matmul",
+         "merge_keys"]
 
 
 def _get(args, name):
@@ -217,8 +218,8 @@ def _solver_flags(a):
       "falls below this (default off: always T and K steps)")
     a("--fast", action="store_true", default=None,
       help="EP: fewer steps to the same fixed points, the combination measured best: "
-           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit (T and K become caps; add --compile for "
-           "fused steps); explicit flags override its parts")
+           "--anderson 5 --tol 1e-3 --tol-nudged 1e-2 --sample-exit --merge-keys (T and K become caps; add "
+           "--compile for fused steps); explicit flags override its parts")
     a("--anderson", type=int, metavar="M", help="Anderson mixing of the last M iterates in every "
       "phase (on the FC states, projections retrieved first); 0 = plain synchronous steps (default)")
     a("--tol-nudged", dest="tol_nudged", type=float,
@@ -230,6 +231,9 @@ def _solver_flags(a):
     a("--sample-exit", dest="sample_exit", action="store_true", default=None,
       help="with --tol / --tol-nudged: each sample leaves a phase as soon as its own relative change "
            "is below the tolerance, and the batch shrinks (the ±β phases of a sample stop together)")
+    a("--merge-keys", dest="merge_keys", action=argparse.BooleanOptionalAction, default=None,
+      help="the Hopfield retrieval over each text's distinct tokens, each weighted by its count: the "
+           "same dynamics exactly, with fewer keys (padding is one); --no-merge-keys turns it off under --fast")
     a("--bf16-matmul", dest="bf16_matmul", action="store_true", default=None,
       help="EP training with --tol-nudged: the nudged phases multiply by bfloat16 copies of the weights, "
            "δ = s − s0 stays float32; free phase, Hebbian estimate and evaluation unchanged (fast on CPUs "
@@ -311,7 +315,7 @@ def resolve(args, saved=None):
     fill_fast(args)
     fallback = {"alg": "EP", "thirdphase": False, "lr_decay": False, "epochs": 50, "seed": 0,
                 "fast": False, "anderson": 0, "tol_nudged": None, "warm_start": False, "sample_exit": False,
-                "bf16_matmul": False,
+                "bf16_matmul": False, "merge_keys": False,
                 "weight_decay": 0.0, "lr_decay_epochs": 100, "word_dropout": 0.0,
                 "tol": None, "dtype": "float32", "test_every": 1, "bf16": False, "act": "my_hard_sig",
                 "init": "torch" if hyper and "init" not in hyper else "centred",

@@ -57,13 +57,15 @@ def neuron_names(model):
 
 # ----------------------------------------------------------------------------- the check
 def plain_copy(model, dtype=None):
-    """A deep copy (in `dtype` if given) that takes the plain, uncompiled steps: compiled
-    steps belong to the original's bound methods and dtype."""
+    """A deep copy (in `dtype` if given) that takes the plain, uncompiled steps over all L keys:
+    compiled steps belong to the original's bound methods and dtype, and the theorem is about
+    the steps as written (merged keys give the same dynamics, but the check shows the plain ones)."""
     compiled, model.compiled = model.compiled, {}
     try:
         new = copy.deepcopy(model)
     finally:
         model.compiled = compiled
+    new.merge_keys = False
     return new if dtype is None else new.to(dtype)
 
 

@@ -143,6 +143,7 @@ def training_model(args, ckpt, data, log):
     model = model.to(args.device_obj, getattr(torch, args.dtype))
     if args.compile:
         model.compile_step()
+    model.merge_keys = bool(args.merge_keys)
     if args.dist is not None:
         args.dist.broadcast_model(model)  # identical weights on every rank, whatever happened before
     return model
@@ -432,6 +433,7 @@ def predict(args, log):
     ids = [data_utils.encode_texts(f, vocab, args.dataset, args.seqLen, rule) for f in fields]
     ids = ids[0] if len(ids) == 1 else torch.stack(ids, 1)
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
+    model.merge_keys = bool(args.merge_keys)
     out = loops.predict_outputs(model, ids, vectors.to(args.device_obj), args.T, args.batch_size, args.tol,
                              free_dtype=torch.bfloat16 if args.bf16 else None, anderson=args.anderson)
     known = [data_utils.known_words(f, vocab, args.dataset, rule) for f in fields]  # per field, per text

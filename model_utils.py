@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import registry
 from devices import Clock, cuda_tf32
 from fixed_point import relax, relax_nudged, relax_nudged_pair  # the phases (the steps run to a fixed point)
+import ops
 from ops import ACTIVATION_CENTRE, ACTIVATION_FLAT, ACTIVATIONS, INITS, HopfieldUnits, SigmaUnits, linear, one_hot
 
 
@@ -204,6 +205,7 @@ class EPNet(nn.Module):
         self.terms, self.units = declare_phi(spec, self.L, self.D, self.fc_layers, act, self.gamma)
         self._index_terms()
         self.compiled = {}  # method name -> its torch.compile'd version (compile_step())
+        self.merge_keys = False  # retrieve over each sequence's distinct keys (`--merge-keys`, precompute)
         self.proj = nn.ParameterList([nn.Parameter(torch.empty(self.D, self.D)) for _ in self.pairs])
         self.fc = nn.ModuleList([nn.Linear(t.n_in, t.n_out) for t in self.terms if isinstance(t, Dense)])
         for w in self.proj:
@@ -277,9 +279,23 @@ class EPNet(nn.Module):
         -> list of F input sequences [B, L, D], the fields of the dataset's registry entry."""
         return [x] if self.n_inputs == 1 else list(x.unbind(1))
 
-    def precompute(self, x, p=None):
-        """Bottom-up drive x·Uᵀ [B, P, L, D] and the attended keys/values [B, P, L, D]."""
-        return self.terms[0].precompute(self.inputs(x), self.term_params(p)[0])
+    def precompute(self, x, p=None, merge=None):
+        """Bottom-up drive x·Uᵀ [B, P, L, D] and the attended keys/values [B, P, L, D]; with
+        merge (default: self.merge_keys) the keys as `ops.merge_keys` gives them, each
+        sequence's distinct vectors and their log multiplicities: the same retrieval, exactly,
+        over fewer keys (the reference dynamics, the original's, never merge)."""
+        drive, keys = self.terms[0].precompute(self.inputs(x), self.term_params(p)[0])
+        return drive, ops.merge_keys(keys) if (self.merge_keys if merge is None else merge) else keys
+
+    def key_order(self, x):
+        """With merged keys (self.merge_keys): the batch rows ordered by their number of
+        distinct keys, fewest first, the order in which the retrieval's runs of rows skip the
+        most padded slots (`ops.MergedKeys.chunks`); None otherwise. The samples of a batch are
+        independent, so callers run them in this order and put the outputs back."""
+        if not self.merge_keys:
+            return None
+        xs = self.inputs(x)
+        return torch.argsort(ops.distinct_counts(torch.stack([xs[k] for _, k in self.pairs], 1)), stable=True)
 
     def init_states(self, batch_size, device=None, dtype=None):
         """All layers at zero: [B, P, L, D] then [B, H_k] for each FC layer."""
@@ -295,7 +311,7 @@ class EPNet(nn.Module):
     # -- Φ and its gradients ----------------------------------------------------------
     def phi(self, x, s, beta=0.0, y=None, p=None):
         """Primitive function Φ(x, s, θ; β, y) per sample, shape [B] (docs/method.md §1)."""
-        ctx = {"drive": self.precompute(x, p)[0], "beta": beta, "y": y}
+        ctx = {"drive": self.precompute(x, p, merge=False)[0], "beta": beta, "y": y}
         return sum(t.value(s, ctx, prm) for t, prm in zip(self.terms, self.term_params(p)))
 
     def pre_activation(self, k, src, ctx, tp, delta=False):
@@ -508,12 +524,15 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
     clock = Clock(x.device)
+    order = None if reference else model.key_order(x)  # merged keys: rows by their distinct keys
+    if order is not None:
+        x, y, warm = x[order], y[order], None if warm is None else [t[order] for t in warm]
     with torch.no_grad(), cuda_tf32(free_tf32):
         s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm,
                                              sample_exit)
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
-            drive, keys = model.precompute(x)
+            drive, keys = model.precompute(x, merge=False if reference else None)
         check_finite(s0, "free")
         free_s = clock()
         if reference:  # the original: plain steps on the states, Hebbian from their difference
@@ -531,8 +550,12 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
         scale = estimator_gap(est, betas)
         for prm, h in zip(model.params(), model.hebbian(x, states[pair[0]], states[pair[1]], diff)):
             prm.grad = h.div_(-scale)
-    return s0[-1], {"free_steps": n_free, "nudged_steps": n_nudged, "flat": flat_units(model, s0),
-                    "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": s0[1:]}
+    out, free_fc = s0[-1], s0[1:]
+    if order is not None:  # the caller's row order again
+        back = torch.argsort(order)
+        out, free_fc = out[back], [t[back] for t in free_fc]
+    return out, {"free_steps": n_free, "nudged_steps": n_nudged, "flat": flat_units(model, s0),
+                 "free_s": free_s, "nudged_s": nudged_s, "hebbian_s": clock(), "free_fc": free_fc}
 
 
 def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None,
@@ -540,7 +563,7 @@ def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=F
     """The free phase of `ep_gradients` (its arguments), run in free_dtype on copies of the
     weights when that differs from x's. Returns the free state s⁰ in x's dtype, the steps taken,
     and the input drive and keys in x's dtype (`EPNet.precompute`)."""
-    drive, keys = model.precompute(x)
+    drive, keys = model.precompute(x, merge=False if reference else None)
     if free_dtype in (None, x.dtype):
         p, dt = None, x.dtype
     elif reference:

@@ -228,6 +228,7 @@ def test_accuracy(args, ckpt, path, data, stats=None):
     model = restore_model(ckpt, path).to(args.device_obj, getattr(torch, args.dtype))
     if args.compile:
         model.compile_step()
+    model.merge_keys = bool(getattr(args, "merge_keys", False))
     return loops.evaluate(model, data.test, data.embeddings.to(args.device_obj), args.T, args.batch_size,
                        args.tol, "test", torch.bfloat16 if args.bf16 else None, args.dist, stats,
                        anderson=args.anderson, sample_exit=args.sample_exit)

@@ -156,6 +156,11 @@ def test_compiled_step_equals_eager(dataset):
         runs[compiled].append([p.grad.clone() for p in model.params()])
         mu.ep_gradients(model, x, y, 15, 8, (0.0, 0.4), True, anderson=5)  # the sweep steps, jointly ±β
         runs[compiled].append([p.grad.clone() for p in model.params()])
+        model.merge_keys = True  # the retrieval over MergedKeys: inputs whose tokens repeat
+        x2 = torch.cat([x[..., :3, :], x[..., :3, :]], -2)
+        mu.ep_gradients(model, x2, y, 15, 8, (0.0, 0.4), True, anderson=5, tol_nudged=1e-3)
+        model.merge_keys = False
+        runs[compiled].append([p.grad.clone() for p in model.params()])
     assert set(model.compiled) == set(model.STEP_METHODS)
     for eager, comp in zip(runs[False], runs[True]):
         for a, b in zip(comp, eager):
