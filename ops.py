@@ -112,8 +112,8 @@ CHUNK_ROWS, CHUNK_MIN_KEYS = 12, 64  # runs of rows of the merged retrieval (`Me
 class MergedKeys(NamedTuple):
     """The keys of a Hopfield retrieval whose keys are also its values (the input tokens),
     merged (`merge_keys`): each sequence's distinct vectors [B, P, U, D], the log of their
-    multiplicities as a logit bias [B, P, 1, U] (float32 at least; −inf on the unused slots), and each row's
-    number of distinct keys, the most over its P sequences [B]. A key that occurs c times gets
+    multiplicities as a logit bias [B, P, 1, U] (float32 at least; −inf on the unused slots),
+    and each row's number of distinct keys, the most over its P sequences [B]. A key that occurs c times gets
     the weight c·e^(q·k) in the softmax, its logit plus log c, so the softmax over the U
     distinct keys with that bias, times them, is the retrieval over all L keys, exactly (only
     the order of the float sums changes)."""
@@ -124,7 +124,8 @@ class MergedKeys(NamedTuple):
     def to(self, dtype):
         """The key vectors in dtype, the bias in dtype but float32 at least (added into the
         logits, never rounded to bfloat16 on its own)."""
-        return self._replace(values=self.values.to(dtype), bias=self.bias.to(torch.promote_types(dtype, torch.float32)))
+        bias_dtype = torch.promote_types(dtype, torch.float32)
+        return self._replace(values=self.values.to(dtype), bias=self.bias.to(bias_dtype))
 
     def chunks(self):
         """(rows, their keys [r, P, u, D], their bias [r, P, 1, u]) for contiguous runs of about
@@ -181,7 +182,8 @@ def merge_keys(keys, worth=0.8):
     if U > worth * L and U < CHUNK_MIN_KEYS:
         return keys
     dt = torch.promote_types(keys.dtype, torch.float32)
-    count = torch.zeros(ks.shape[0], U, dtype=dt, device=ks.device).scatter_add_(1, slot, torch.ones_like(slot, dtype=dt))
+    count = torch.zeros(ks.shape[0], U, dtype=dt, device=ks.device).scatter_add_(
+        1, slot, torch.ones_like(slot, dtype=dt))
     uniq = ks.new_zeros(ks.shape[0], U, D).scatter(1, slot[..., None].expand(-1, -1, D), ks)
     rows = (slot[:, -1] + 1).view(lead[0], -1).amax(1)
     return MergedKeys(uniq.view(*lead, U, D), count.log().view(*lead, 1, U), rows)
