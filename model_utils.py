@@ -287,15 +287,13 @@ class EPNet(nn.Module):
         drive, keys = self.terms[0].precompute(self.inputs(x), self.term_params(p)[0])
         return drive, ops.merge_keys(keys) if (self.merge_keys if merge is None else merge) else keys
 
-    def key_order(self, x):
-        """With merged keys (self.merge_keys): the batch rows ordered by their number of
-        distinct keys, fewest first, the order in which the retrieval's runs of rows skip the
-        most padded slots (`ops.MergedKeys.chunks`); None otherwise. The samples of a batch are
-        independent, so callers run them in this order and put the outputs back."""
-        if not self.merge_keys:
-            return None
-        xs = self.inputs(x)
-        return torch.argsort(ops.distinct_counts(torch.stack([xs[k] for _, k in self.pairs], 1)), stable=True)
+    def key_order(self, keys):
+        """For merged keys (`precompute` with self.merge_keys): the batch rows ordered by their
+        number of distinct keys, fewest first, the order in which the retrieval's runs of rows
+        skip the most padded slots (`ops.MergedKeys.chunks`); None for keys as they are. The
+        samples of a batch are independent, so callers run them in this order and put the
+        outputs back."""
+        return torch.argsort(keys.counts, stable=True) if isinstance(keys, ops.MergedKeys) else None
 
     def init_states(self, batch_size, device=None, dtype=None):
         """All layers at zero: [B, P, L, D] then [B, H_k] for each FC layer."""
@@ -524,12 +522,16 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
     clock = Clock(x.device)
-    order = None if reference else model.key_order(x)  # merged keys: rows by their distinct keys
+    inputs, order = None, None
+    if model.merge_keys and not reference:  # merged keys: the rows by their distinct keys
+        inputs = model.precompute(x)
+        order = model.key_order(inputs[1])
     if order is not None:
         x, y, warm = x[order], y[order], None if warm is None else [t[order] for t in warm]
+        inputs = (inputs[0][order], inputs[1].take(order))
     with torch.no_grad(), cuda_tf32(free_tf32):
         s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm,
-                                             sample_exit)
+                                             sample_exit, inputs)
     with torch.no_grad(), cuda_tf32(False):
         if free_tf32:  # the input drive too: it enters every nudged step
             drive, keys = model.precompute(x, merge=False if reference else None)
@@ -559,11 +561,12 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
 
 
 def free_phase(model, x, y, T, beta1=0.0, tol=None, free_dtype=None, reference=False, anderson=0, warm=None,
-               sample_exit=False):
+               sample_exit=False, inputs=None):
     """The free phase of `ep_gradients` (its arguments), run in free_dtype on copies of the
     weights when that differs from x's. Returns the free state s⁰ in x's dtype, the steps taken,
-    and the input drive and keys in x's dtype (`EPNet.precompute`)."""
-    drive, keys = model.precompute(x, merge=False if reference else None)
+    and the input drive and keys in x's dtype (`EPNet.precompute`; inputs: those, computed
+    already)."""
+    drive, keys = inputs or model.precompute(x, merge=False if reference else None)
     if free_dtype in (None, x.dtype):
         p, dt = None, x.dtype
     elif reference:

@@ -127,6 +127,10 @@ class MergedKeys(NamedTuple):
         bias_dtype = torch.promote_types(dtype, torch.float32)
         return self._replace(values=self.values.to(dtype), bias=self.bias.to(bias_dtype))
 
+    def take(self, rows):
+        """The given batch rows."""
+        return MergedKeys(*(t[rows] for t in self))
+
     def chunks(self):
         """(rows, their keys [r, P, u, D], their bias [r, P, 1, u]) for contiguous runs of about
         CHUNK_ROWS rows, u the most distinct keys in the run: on rows sorted by their counts
@@ -160,13 +164,6 @@ def _distinct(k):
     first = torch.ones(ks.shape[:2], dtype=torch.bool, device=k.device)
     first[:, 1:] = (ks[:, 1:] != ks[:, :-1]).any(-1)
     return ks, first
-
-
-def distinct_counts(keys):
-    """The number of distinct key vectors of each row of keys [B, .., L, D], the most over the
-    sequences of a row [B]."""
-    B, L, D = keys.shape[0], keys.shape[-2], keys.shape[-1]
-    return _distinct(keys.reshape(-1, L, D))[1].sum(-1).view(B, -1).amax(1)
 
 
 def merge_keys(keys, worth=0.8):
