@@ -234,3 +234,21 @@ def test_gpu_check_quick_mode_runs_every_section(tmp_path):
     if data.name != "none":
         assert report["test"]["result"]["ok"] and report["train"]["result"]["ok"]
     assert report["projection"]["hours_50_epochs_float32"]["IMDB"] > 0
+
+
+def test_ab_switch_alternates_a_switch_and_restores_it(capsys):
+    """tools/ab_switch.py: both settings timed on the same batches, the switch set back after."""
+    import json
+    import sys
+    from pathlib import Path
+    import ops
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import ab_switch
+    before = ops.ONEDNN_LINEAR
+    ab_switch.main(["ops.ONEDNN_LINEAR", "--rounds", "2", "--dataset", "IMDB", "--seqLen", "12", "--embed-dim", "6",
+                    "--fc_layers", "7", "2", "--T", "4", "--K", "2", "--batch_size", "3", "--batches", "1", "--fast"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ops.ONEDNN_LINEAR == before and out["default"] == before
+    assert len(out["True_rounds"]) == len(out["False_rounds"]) == 2 and out["true_over_false"] > 0
+    with pytest.raises(SystemExit, match="not a module-level boolean"):
+        ab_switch.main(["ops.linear"])

@@ -145,3 +145,25 @@ def test_merge_keys_through_main_is_part_of_fast_recorded_and_can_be_turned_off(
                       str(tiny_imdb["data"]), "--cache-dir", str(tiny_imdb["cache"])]) == 0
     recorded = json.loads((tmp / "fast" / "metrics.json").read_text())["test_accuracy"]
     assert f"test accuracy {recorded:.4f}" in capsys.readouterr().out
+
+
+def test_merged_nudged_offset_through_the_overflow_path():
+    """A move of the queries so large that e^ds overflows in float32 in one row: the merged
+    retrieval's offsets (the overflow path in that row's run of rows) still equal the
+    difference of the retrievals over all keys."""
+    torch.manual_seed(1)
+    keys = torch.randn(6, 1, 40, 5)
+    keys[:, :, 20:] = keys[:, :, :20]  # every vector twice
+    merged = ops.merge_keys(keys)
+    units = ops.HopfieldUnits(1, 40, 5, 1.0)
+    g0 = 0.3 * torch.randn(6, 40 * 5)
+    dg = 1e-3 * torch.randn(6, 1, 40, 5)
+    dg[2, 0, 3] = 100.0 * keys[2, 0, 0]  # ds = 100·|k|² > 88 for row 2's query 3
+    with torch.no_grad():
+        exact = (units.update(g0.double() + dg.flatten(1).double(), {"keys": keys.double()})
+                 - units.update(g0.double(), {"keys": keys.double()})).float()
+        ctx = {"keys": merged}
+        aux, _ = units.linearise(g0, ctx)
+        got = units.delta(g0, aux, dg, ctx)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-5)

@@ -9,7 +9,8 @@ error max over parameters ‖g − g_ref‖ / ‖g_ref‖:
 plain synchronous T and K steps (the default); the stopping rules alone (--tol, --tol-nudged);
 Anderson mixing with them, batch-wide and per sample (--sample-exit: --fast), and --fast with
 --bf16-matmul where the CPU has bfloat16 kernels; and plain steps up
-to --ref-steps. Steps are per sample (the work, in steps of the whole batch). Also
+to --ref-steps; with --fast-tols, --fast at other stopping tolerances. Steps are per sample
+(the work, in steps of the whole batch). Also
 the relative distance of the plain T-step free state from the reference fixed point. Prints one
 JSON line per batch and a summary.
 """
@@ -35,6 +36,8 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--ref-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fast-tols", nargs="*", default=[], metavar="TOL,TOL_NUDGED",
+                   help="also --fast with these stopping tolerances (free,nudged), e.g. 1e-2,3e-2")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,6 +61,10 @@ def main(argv=None):
         f"plain free phase up to {args.ref_steps} steps": dict(T=args.ref_steps, K=args.ref_steps, tol=1e-6,
                                                               tol_nudged=1e-5),
     }
+    for pair in args.fast_tols:
+        tol, tol_nudged = (float(v) for v in pair.split(","))
+        solvers[f"--fast --tol {tol:g} --tol-nudged {tol_nudged:g}"] = dict(
+            T=T, K=K, tol=tol, tol_nudged=tol_nudged, anderson=5, sample_exit=True)
     import ops
     if torch.bfloat16 not in ops.ONEDNN_DTYPES:   # generic bf16 matmuls: correct, not worth timing
         solvers = {k: v for k, v in solvers.items() if not v.get("bf16_matmul")}
