@@ -247,21 +247,24 @@ def random_batch(model, args, device, dtype, gen):
     return x.to(device), y.to(device)
 
 
+def gradients(model, x, y, args, reference=False):
+    """The gradients of one batch as train_epoch computes them (into .grad); returns the
+    per-phase seconds and steps."""
+    if reference:  # the original: fixed T and K, model dtype, autograd of Φ at every step
+        return mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator, reference=True)[1]
+    if args.alg == "EP":
+        return mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
+                               args.tol, torch.bfloat16 if args.bf16 else None,
+                               free_tf32=args.tf32 == "free", anderson=args.anderson,
+                               tol_nudged=args.tol_nudged, sample_exit=args.sample_exit,
+                               bf16_matmul=args.bf16_matmul)[1]
+    return mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint, free_tf32=args.tf32 == "free")[1]
+
+
 def train_step(model, opt, x, y, args, reference):
     """One training step as train_epoch does it; returns the per-phase seconds and steps."""
     clock = devices.Clock(x.device)
-    if reference:  # the original: fixed T and K, model dtype, autograd of Φ at every step
-        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
-                                  reference=True)
-    elif args.alg == "EP":
-        _, info = mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator,
-                                  args.tol, torch.bfloat16 if args.bf16 else None,
-                                  free_tf32=args.tf32 == "free", anderson=args.anderson,
-                                  tol_nudged=args.tol_nudged, sample_exit=args.sample_exit,
-                                  bf16_matmul=args.bf16_matmul)
-    else:
-        _, info = mu.bptt_gradients(model, x, y, args.T, args.K, args.bptt_checkpoint,
-                                    free_tf32=args.tf32 == "free")
+    info = gradients(model, x, y, args, reference)
     opt.step()
     total = clock()
     return dict(info, total_s=total, update_s=total - info["free_s"] - info["nudged_s"])

@@ -252,3 +252,7 @@ def test_ab_switch_alternates_a_switch_and_restores_it(capsys):
     assert len(out["True_rounds"]) == len(out["False_rounds"]) == 2 and out["true_over_false"] > 0
     with pytest.raises(SystemExit, match="not a module-level boolean"):
         ab_switch.main(["ops.linear"])
+    with pytest.raises(SystemExit, match="no module 'nosuch'"):
+        ab_switch.main(["nosuch.FLAG"])
+    with pytest.raises(SystemExit, match="--rounds: expected a positive integer"):
+        ab_switch.main(["ops.ONEDNN_LINEAR", "--rounds", "x"])

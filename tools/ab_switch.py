@@ -3,8 +3,8 @@
     python tools/ab_switch.py ops.ONEDNN_LINEAR --load-path saved_models/test_IMDB_400_100 --data-dir data --T 30 --K 10 --betas 0 0.2 --batch_size 50 --thirdphase --fast
 
 Sets a module-level boolean (MODULE.NAME) to False and to True in turn, round after round (the
-order flipped every other round), and times the EP gradients of the same --batches batches in
-each setting, with the other flags as benchmark.py takes them (--fast, --threads, ...). The
+order flipped every other round), and times the gradients of the same --batches batches in
+each setting as benchmark.py computes them, with its flags (--fast, --alg, --device, --threads, ...). The
 weights do not change. Both settings see the same drift of a shared machine, which two separate
 benchmark.py runs do not: there a few per cent difference is lost in the noise. Prints one JSON
 line: samples/s per setting (median and every round) and the ratio of the medians.
@@ -21,28 +21,32 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
 import devices  # noqa: E402
-import model_utils as mu  # noqa: E402
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: tools/ab_switch.py MODULE.NAME [--rounds N] [benchmark.py flags]"
     rounds = 8
     if "--rounds" in argv:
         i = argv.index("--rounds")
-        rounds = int(argv[i + 1])
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if not value.isdigit() or int(value) < 1:
+            sys.exit(f"--rounds: expected a positive integer, got {value!r}\n{usage}")
+        rounds = int(value)
         del argv[i:i + 2]
     if not argv or argv[0].startswith("-") or "." not in argv[0]:
-        sys.exit("usage: tools/ab_switch.py MODULE.NAME [--rounds N] [benchmark.py flags]")
+        sys.exit(usage)
     module_name, name = argv[0].rsplit(".", 1)
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        sys.exit(f"{argv[0]}: no module {module_name!r}")
     if not isinstance(getattr(module, name, None), bool):
         sys.exit(f"{argv[0]} is not a module-level boolean")
     args = benchmark.parse_args(argv[1:])
-    if args.alg != "EP":
-        sys.exit("tools/ab_switch.py times the EP gradients: drop --alg BPTT")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device("cpu"), devices.DTYPES[args.dtype]
+    device, dtype = benchmark.pick_device(args.device), devices.DTYPES[args.dtype]
     model = benchmark.build(args, device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [benchmark.random_batch(model, args, device, dtype, gen) for _ in range(args.batches)]
@@ -50,9 +54,9 @@ def main(argv=None):
     def run():
         start = time.perf_counter()
         for x, y in batches:
-            mu.ep_gradients(model, x, y, args.T, args.K, args.betas, args.estimator, args.tol,
-                            anderson=args.anderson, tol_nudged=args.tol_nudged,
-                            sample_exit=args.sample_exit, bf16_matmul=args.bf16_matmul)
+            benchmark.gradients(model, x, y, args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     original = getattr(module, name)
