@@ -125,10 +125,8 @@ def predict_outputs(model, ids, embeddings, T, batch_size, tol=None, desc=None, 
     outs, used = [], []
     chunks = batches(len(ids), batch_size)
     for idx in tqdm(chunks, desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
-        drive, keys = model.precompute(embed(embeddings, ids[idx].to(device), dtype))
-        order = model.key_order(keys)  # merged keys: rows by their distinct keys, put back below
-        if order is not None:
-            drive, keys = drive[order], keys.take(order)
+        # merged keys: rows by their distinct keys, put back below
+        (drive, keys), order = model.in_key_order(model.precompute(embed(embeddings, ids[idx].to(device), dtype)))
         s, n = relax(model, model.init_states(len(idx), device, dt), drive.to(dt), keys.to(dt), T,
                      tol=tol, p=p, anderson=anderson, sample_exit=sample_exit)
         check_finite(s, "evaluation free")

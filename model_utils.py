@@ -295,6 +295,12 @@ class EPNet(nn.Module):
         outputs back."""
         return torch.argsort(keys.counts, stable=True) if isinstance(keys, ops.MergedKeys) else None
 
+    def in_key_order(self, inputs):
+        """`precompute`'s (drive, keys) with the batch rows in `key_order`, and that order
+        (None, and the inputs as they are, for keys not merged)."""
+        order = self.key_order(inputs[1])
+        return (inputs, None) if order is None else ((inputs[0][order], inputs[1].take(order)), order)
+
     def init_states(self, batch_size, device=None, dtype=None):
         """All layers at zero: [B, P, L, D] then [B, H_k] for each FC layer."""
         return [u.zeros(batch_size, device=device, dtype=dtype) for u in self.units]
@@ -524,11 +530,9 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     clock = Clock(x.device)
     inputs, order = None, None
     if model.merge_keys and not reference:  # merged keys: the rows by their distinct keys
-        inputs = model.precompute(x)
-        order = model.key_order(inputs[1])
+        inputs, order = model.in_key_order(model.precompute(x))
     if order is not None:
         x, y, warm = x[order], y[order], None if warm is None else [t[order] for t in warm]
-        inputs = (inputs[0][order], inputs[1].take(order))
     with torch.no_grad(), cuda_tf32(free_tf32):
         s0, n_free, drive, keys = free_phase(model, x, y, T, beta1, tol, free_dtype, reference, anderson, warm,
                                              sample_exit, inputs)
