@@ -62,67 +62,72 @@ def anderson(f, z, steps, tol=None, m=5, measure=relative_change, reg=1e-7, mix_
     return fz, steps
 
 
-def sample_change(new, old, blocks=1):
+def sample_change(new, old, group=1):
     """relative_change per sample: max_k ‖new_k − old_k‖∞ / ‖new_k‖∞ over each row's layers,
-    [rows / blocks]. blocks = n: the batch is n blocks of the same samples (the ±β phases run as
-    one batch), and a sample's measure is the largest over its n rows."""
+    [rows / group]. group = n: each sample is n consecutive rows (its ±β phases, run as one
+    batch), and its measure is the largest over them."""
     r = None
     for a, b in zip(new, old):
         a, b = a.flatten(1), b.flatten(1)
         v = (a - b).abs().amax(1) / (a.abs().amax(1) + 1e-12)
         r = v if r is None else torch.maximum(r, v)
-    return r.view(blocks, -1).amax(0)
+    return r.view(-1, group).amax(1)
 
 
-def solve_per_sample(f, z, ctx, steps, tol, m=5, blocks=1, reg=1e-7, mix_from=0):
+def solve_per_sample(f, z, ctx, steps, tol, m=5, group=1, reg=1e-7, mix_from=0, shared=None):
     """Plain iteration (m < 2) or Anderson mixing as `iterate` and `anderson` do, except that
     each sample leaves the batch as soon as its own relative residual (`sample_change`) is
     below tol: its f(z) is final, and the batch, its histories and the batch-first tensors of
     `ctx` (nested lists or tuples, None allowed) shrink to the samples still running. The
     samples of a batch are independent problems and the mixing weights are per sample, so the
-    others' iterates are unchanged. f(z, ctx) applies the map to the running samples.
-    blocks = n: the rows are n blocks of the same B/n samples (the ±β phases), which leave
-    together, so both phases of a sample take the same number of steps. Returns (f of each
+    others' iterates are unchanged. f(z, ctx, shared) applies the map to the running samples.
+    group = n: each sample is n consecutive rows (its ±β phases), which leave together, so both
+    phases of a sample take the same number of steps; `shared` (nested as ctx) holds one row
+    per sample, whatever group is (what its n rows share: the nudged phases' attention at the
+    free state and the keys), and shrinks with the samples. Returns (f of each
     sample's last iterate, in the original row order; applications of f per sample, averaged:
     the work done, in steps of the whole batch)."""
     if steps < 1:
         return list(z), 0
-    B0 = z[0].shape[0] // blocks
+    B0 = z[0].shape[0] // group
     out = [torch.empty_like(t) for t in z]
     live = torch.arange(B0, device=z[0].device)  # the original sample index of each running sample
     mix = _History(z, m, mix_from, reg) if m >= 2 else None
-    fz, work_done = f(z, ctx), 0
+    fz, work_done = f(z, ctx, shared), 0
     for k in range(steps):
         work_done += live.numel()
-        done = sample_change(fz, z, blocks) < tol
+        done = sample_change(fz, z, group) < tol
         if k == steps - 1:
             done[:] = True
         if bool(done.any()):
-            here = _block_rows(done.nonzero().squeeze(1), live.numel(), blocks)
-            there = _block_rows(live[done], B0, blocks)
+            here = _group_rows(done.nonzero().squeeze(1), group)
+            there = _group_rows(live[done], group)
             for o, t in zip(out, fz):
                 o[there] = t[here]
             if bool(done.all()):
                 break
-            keep = _block_rows((~done).nonzero().squeeze(1), live.numel(), blocks)
+            kept = (~done).nonzero().squeeze(1)
+            keep = _group_rows(kept, group)
             live = live[~done]
-            z, fz, ctx = _take(z, keep), _take(fz, keep), _take(ctx, keep)
+            z, fz, ctx, shared = _take(z, keep), _take(fz, keep), _take(ctx, keep), _take(shared, kept)
             if mix is not None:
                 mix.take(keep)
         z = fz if mix is None else mix.next(k, fz, z)
-        fz = f(z, ctx)
+        fz = f(z, ctx, shared)
     return out, work_done / B0
 
 
-def _block_rows(idx, b, blocks):
-    """Rows of samples idx in a batch of `blocks` blocks of b samples each."""
-    return torch.cat([idx + j * b for j in range(blocks)]) if blocks > 1 else idx
+def _group_rows(idx, group):
+    """The rows of samples idx when each sample is `group` consecutive rows."""
+    if group == 1:
+        return idx
+    return (idx[:, None] * group + torch.arange(group, device=idx.device)).flatten()
 
 
 def _repeat(obj, n):
-    """obj (as in `_take`) with its batch repeated n times, one block after the other."""
+    """obj (as in `_take`) with each batch row repeated n times in a row (`_group_rows`)."""
     if isinstance(obj, torch.Tensor):
-        return torch.cat([obj] * n)
+        return obj.repeat_interleave(n, dim=0)
     if isinstance(obj, (list, tuple)):
         return _like(obj, [_repeat(o, n) for o in obj])
     return obj
@@ -269,7 +274,7 @@ def relax(model, s, drive, keys, steps, beta=0.0, y=None, tol=None, p=None, x=No
     if sample_exit and tol is not None and x is None:
         name = "step_fc" if anderson >= 2 else "step"
         step = model.stepper(name)
-        return solve_per_sample(lambda z, c: step(z, c[0], c[1], beta, c[2], p), s, (drive, keys, y),
+        return solve_per_sample(lambda z, c, _: step(z, c[0], c[1], beta, c[2], p), s, (drive, keys, y),
                                 steps, tol, anderson, mix_from=1 if anderson >= 2 else 0)
     if x is not None:
         return iterate(lambda z: model.step_reference(x, z, keys, beta, y), s, steps, tol)
@@ -295,8 +300,8 @@ def relax_nudged(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=Non
 
 def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, tol=None,
                       anderson=0, signs=(1, -1), sample_exit=False, p=None):
-    """The nudged phases with β = sign·beta for each sign, run together as one batch (2B for
-    ±β), so they take the same number of steps (a symmetric estimate stays symmetric) and share
+    """The nudged phases with β = sign·beta for each sign, run together as one batch (2B rows
+    for ±β, a sample's rows next to each other), so they take the same number of steps (a symmetric estimate stays symmetric) and share
     each matmul. The stopping rule measures δ against itself, max_k ‖Δδ_k‖∞ / ‖δ_k‖∞, since the
     EP estimate is δ/β: a change relative to the states s0 + δ is O(β) smaller and would stop a
     phase long before δ has converged. anderson: window of Anderson mixing (0: plain steps).
@@ -307,20 +312,25 @@ def relax_nudged_pair(model, s0, setup, keys, steps, beta, beta0=0.0, y=None, to
     tol = _tol_floor(tol, s0[0].dtype)
     step = model.stepper("delta_step_fc" if anderson >= 2 else "delta_step")
     out, B, n_ph = s0[-1], s0[-1].shape[0], len(signs)
-    nudge = torch.cat([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs])
-    beta_rows = torch.cat([torch.full((B, 1), sg * beta, dtype=out.dtype, device=out.device)
-                           for sg in signs])
-    if n_ph > 1:
-        setup, keys = _repeat(setup, n_ph), _repeat(keys, n_ph)
+    # each sample's n_ph rows next to each other (`_group_rows`); what its phases share at the
+    # free state, the projection units' setup (the attention p0 [B, P, L, U]) and the keys,
+    # stays one row per sample: `HopfieldUnits.delta` takes it for all of the sample's rows
+    nudge = torch.stack([(sg * beta - beta0) * (one_hot(y, out) - out) for sg in signs], 1).flatten(0, 1)
+    beta_rows = (torch.tensor(signs, dtype=out.dtype, device=out.device) * beta).repeat(B)[:, None]
     g0, aux, r = setup
+    rows = ([None] + _repeat(g0[1:], n_ph), [None] + _repeat(aux[1:], n_ph), _repeat(r, n_ph), beta_rows, nudge)
+    shared = (g0[0], aux[0], keys)
+
+    def f(d, c, sh):
+        return step(d, ([sh[0]] + c[0][1:], [sh[1]] + c[1][1:], c[2]), sh[2], c[3], c[4], p)
+
+    start = [torch.zeros_like(t) for t in rows[2]]
     if sample_exit and tol is not None:
-        d, n = solve_per_sample(lambda d, c: step(d, c[0], c[1], c[2], c[3], p), [torch.zeros_like(t) for t in r],
-                                ((g0, aux, r), keys, beta_rows, nudge), steps, tol, anderson, blocks=n_ph,
-                                mix_from=1 if anderson >= 2 else 0)
-        return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
-    d, n = _anderson(lambda d: step(d, (g0, aux, r), keys, beta_rows, nudge, p),
-                     [torch.zeros_like(t) for t in r], steps, tol, anderson, mix_from=1)
-    return [[t[k * B:(k + 1) * B] for t in d] for k in range(n_ph)], n
+        d, n = solve_per_sample(f, start, rows, steps, tol, anderson, group=n_ph,
+                                mix_from=1 if anderson >= 2 else 0, shared=shared)
+    else:
+        d, n = _anderson(lambda d: f(d, rows, shared), start, steps, tol, anderson, mix_from=1)
+    return [[t[k::n_ph].contiguous() for t in d] for k in range(n_ph)], n
 
 
 def _tol_floor(tol, dtype):

@@ -130,8 +130,8 @@ def bf16_matmul_rule(args):
         return None
     if _get(args, "tol_nudged") is None:
         return "--bf16-matmul needs the nudged phases' stopping rule: give --tol-nudged (or --fast)"
-    if _get(args, "bf16") or (_get(args, "dtype") or "float32") != "float32":
-        return "--bf16-matmul keeps float32 states: drop --bf16 / --dtype float64"
+    if (_get(args, "dtype") or "float32") != "float32":
+        return "--bf16-matmul keeps float32 states in the nudged phases: drop --dtype float64"
     return None
 
 

@@ -503,6 +503,9 @@ def estimator_gap(estimator, betas):
     return (beta1 if a == 0 else a * beta2) - (beta1 if b == 0 else b * beta2)
 
 
+BF16_KEYS = True
+
+
 def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free_dtype=None,
                  reference=False, free_tf32=False, anderson=0, tol_nudged=None, warm=None, sample_exit=False,
                  bf16_matmul=False):
@@ -600,7 +603,8 @@ def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=
         raise ValueError("bf16_matmul needs tol_nudged")
     if anderson or tol_nudged is not None:
         p16 = [w.to(torch.bfloat16) for w in model.params()] if bf16_matmul else None
-        ds, n = relax_nudged_pair(model, s0, setup, keys, K, beta2, beta1, y, tol_nudged, anderson, signs,
+        nkeys = keys.to(torch.bfloat16) if bf16_matmul and BF16_KEYS else keys
+        ds, n = relax_nudged_pair(model, s0, setup, nkeys, K, beta2, beta1, y, tol_nudged, anderson, signs,
                                   sample_exit, p16)
         deltas.update(zip(signs, ds))
         n_nudged = n * len(signs)

@@ -95,15 +95,39 @@ def retrieval_delta(p0, s0, dq, keys):
     `softmax_delta` with the subtraction moved after the product, onto [.., L, D] instead of
     [.., L, L]. Eagerly the only passes over the L×L values are expm1 (in place on ds), the
     product with p0 and its row sum: about 0.6 of the time of softmax_delta and the product at
-    400 tokens (docs/speed.md). Where e^ds overflows, the shifted softmax_delta."""
-    ds = dq @ keys.transpose(-1, -2)
+    400 tokens (docs/speed.md). Where e^ds overflows, the shifted softmax_delta.
+    dq may hold n moves of the same queries, [.., n·L, D] (the ±β phases of a sample: one
+    product with the keys for both, p0 and s0 read once); the result is then [.., n·L, D].
+    Keys in a lower precision than dq (bfloat16 copies, --bf16-matmul): the two products in
+    their dtype (oneDNN runs them 2-4x faster than MKL's float32 batched kernel on CPUs with
+    AVX512-BF16), rounding at 2⁻⁹ relative to ds and to the weighted keys, that is to the change
+    δ, not to the states; expm1, the weights, their sum and the subtraction stay in dq's dtype."""
+    low = keys.dtype if keys.dtype != dq.dtype else None
+    ds = _product(dq, keys.transpose(-1, -2), low)
+    n = ds.shape[-2] // p0.shape[-2]
     if torch.compiler.is_compiling():
-        return softmax_delta(p0, ds) @ keys
-    w = ds.expm1_().mul_(p0)
+        return _product(_grouped(softmax_delta, p0, ds, n), keys, low)
+    w = _grouped(lambda p, v: v.expm1_().mul_(p), p0, ds, n)
     m = w.sum(-1, keepdim=True)
     if not bool(torch.isfinite(m).all()):  # ds was overwritten: form it again
-        return _softmax_delta_shifted(p0, dq @ keys.transpose(-1, -2)) @ keys
-    return (w @ keys).sub_(m * s0).div_(m.add_(1.0))
+        ds = _product(dq, keys.transpose(-1, -2), low)
+        return _product(_grouped(_softmax_delta_shifted, p0, ds, n), keys, low)
+    out = _product(w, keys, low).sub_(_grouped(lambda s, mm: mm * s, s0, m, n))
+    return out.div_(m.add_(1.0))
+
+
+def _product(a, b, low=None):
+    """a @ b, in the dtype `low` when given (the result back in a's dtype)."""
+    return a @ b if low is None else (a.to(low) @ b).to(a.dtype)
+
+
+def _grouped(fn, p, v, n):
+    """fn(p, v) for v [.., n·L, X] holding n blocks of L rows that each pair with p [.., L, X']
+    (broadcast over the blocks), as [.., n·L, X]."""
+    if n == 1:
+        return fn(p, v)
+    out = fn(p.unsqueeze(-3), v.unflatten(-2, (n, p.shape[-2])))
+    return out.flatten(-3, -2)
 
 
 CHUNK_ROWS, CHUNK_MIN_KEYS = 12, 64  # runs of rows of the merged retrieval (`MergedKeys.chunks`)
@@ -321,15 +345,25 @@ class HopfieldUnits:
         return (torch.cat(p0), s), s
 
     def delta(self, g0, aux, dg, ctx):
+        """aux and the keys: one row per sample; dg: n rows per sample, next to each other (its
+        ±β phases, `fixed_point.relax_nudged_pair`), which share the products with the keys."""
         (p0, s0), keys = aux, ctx["keys"]
+        P, L, D = self.shape
         # γ scales the offsets [.., L, D], not the larger logits [.., L, L] (the free step's
         # attention keeps γ·(g·Kᵀ): evaluation, and so every recorded accuracy, is unchanged)
         dq = dg.view(-1, *self.shape) * self.gamma
+        B = p0.shape[0]
+        n = dq.shape[0] // B
+        if n > 1:  # [B·n, P, L, D] -> [B, P, n·L, D] (a view for one sequence per sample)
+            dq = dq.view(B, n, P, L, D).transpose(1, 2).reshape(B, P, n * L, D)
         if not isinstance(keys, MergedKeys):
-            return retrieval_delta(p0, s0, dq, keys)
-        # p0 carries the multiplicities, so the difference needs the key vectors only
-        return torch.cat([retrieval_delta(p0[r][..., :k.shape[-2]], s0[r], dq[r], k)
-                          for r, k, _ in keys.chunks()])
+            out = retrieval_delta(p0, s0, dq, keys)
+        else:  # p0 carries the multiplicities, so the difference needs the key vectors only
+            out = torch.cat([retrieval_delta(p0[r][..., :k.shape[-2]], s0[r], dq[r], k)
+                             for r, k, _ in keys.chunks()])
+        if n > 1:
+            out = out.view(B, P, n, L, D).transpose(1, 2).reshape(B * n, P, L, D)
+        return out
 
     def flops(self, B):
         P, L, D = self.shape

@@ -172,7 +172,7 @@ def test_each_sample_leaves_on_its_own_residual_and_keeps_its_row():
     rate = torch.tensor([0.1, 0.9, 0.5, 0.95], dtype=torch.float64)[:, None]  # per-sample contraction
     c = torch.randn(B, n, dtype=torch.float64)
     f_batch = lambda z: [rate * torch.tanh(z[0]) + c]  # noqa: E731
-    f_rows = lambda z, ctx: [ctx[0] * torch.tanh(z[0]) + ctx[1]]  # noqa: E731
+    f_rows = lambda z, ctx, _: [ctx[0] * torch.tanh(z[0]) + ctx[1]]  # noqa: E731
     z0 = [torch.zeros(B, n, dtype=torch.float64)]
     ref, n_ref = fp.iterate(f_batch, z0, 5000, tol=1e-13)
     for m in (0, 5):
@@ -182,13 +182,16 @@ def test_each_sample_leaves_on_its_own_residual_and_keeps_its_row():
                  for i in range(B)]
         assert work == pytest.approx(sum(alone) / B)          # each sample paid for its own steps
         assert work < max(alone)
-    # two blocks of the same samples (the ±β phases): a sample's rows leave together, on the
-    # slower of the two, and the rows come back in their order
-    rate2, c2 = torch.cat([rate, rate.flip(0)]), torch.cat([c, -c])
-    f2 = lambda z: [rate2 * torch.tanh(z[0]) + c2]  # noqa: E731
+    # two rows per sample (the ±β phases, next to each other): a sample's rows leave together,
+    # on the slower of the two, the rows come back in their order, and what the rows of a
+    # sample share (`shared`, one row per sample) shrinks with the samples
+    rate2 = torch.stack([rate, rate.flip(0)], 1).flatten(0, 1)
+    sign2 = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(B)[:, None]
+    f2 = lambda z: [rate2 * torch.tanh(z[0]) + sign2 * c.repeat_interleave(2, 0)]  # noqa: E731
+    f_shared = lambda z, ctx, sh: [ctx[0] * torch.tanh(z[0]) + ctx[1] * sh[0].repeat_interleave(2, 0)]  # noqa: E731
     ref2, _ = fp.iterate(f2, [torch.zeros(2 * B, n, dtype=torch.float64)], 5000, tol=1e-13)
-    got2, work2 = fp.solve_per_sample(f_rows, [torch.zeros(2 * B, n, dtype=torch.float64)], (rate2, c2), 5000,
-                                      1e-13, 0, blocks=2)
+    got2, work2 = fp.solve_per_sample(f_shared, [torch.zeros(2 * B, n, dtype=torch.float64)], (rate2, sign2), 5000,
+                                      1e-13, 0, group=2, shared=(c,))
     assert max_diff(got2, ref2) < 1e-11
     slow = torch.maximum(rate, rate.flip(0))
     per_pair = [fp.solve_per_sample(f_rows, [torch.zeros(1, n, dtype=torch.float64)], (slow[i:i + 1], c[i:i + 1]),
@@ -369,9 +372,14 @@ def test_bf16_matmul_through_main_is_recorded_and_needs_the_nudged_stopping_rule
     assert main.main(base_args(tiny_imdb, "--fast", "--bf16-matmul", "--epochs", "1", "--save",
                                "--results-dir", str(tmp / "bf"))) == 0
     assert json.loads((tmp / "bf" / "config.json").read_text())["hyper"]["bf16_matmul"] is True
+    # with a bfloat16 free phase too (on CPUs without bfloat16 kernels: a notice, then slower)
+    assert main.main(base_args(tiny_imdb, "--fast", "--bf16-matmul", "--bf16", "--epochs", "1", "--save",
+                               "--results-dir", str(tmp / "bf2"))) == 0
+    hyper = json.loads((tmp / "bf2" / "config.json").read_text())["hyper"]
+    assert hyper["bf16_matmul"] is True and hyper["bf16"] is True
     capsys.readouterr()
     for bad, msg in ((["--bf16-matmul"], "needs the nudged phases' stopping rule"),
-                     (["--fast", "--bf16-matmul", "--bf16"], "keeps float32 states"),
+                     (["--fast", "--bf16-matmul", "--dtype", "float64"], "keeps float32 states"),
                      (["--fast", "--bf16-matmul", "--alg", "BPTT"], "applies to EP training")):
         assert main.main(base_args(tiny_imdb, "--epochs", "1", *bad)) == 2
         err = capsys.readouterr().err

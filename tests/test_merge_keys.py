@@ -127,6 +127,7 @@ def test_sample_exit_keeps_merged_keys_aligned_with_their_rows():
     assert torch.equal(taken.values, keys.values[rows]) and torch.equal(taken.counts, keys.counts[rows])
     both = fp._repeat(keys, 2)
     assert isinstance(both, ops.MergedKeys) and both.bias.shape[0] == 2 * x.shape[0]
+    assert torch.equal(both.values[1::2], keys.values)   # each row twice, next to each other
 
 
 def test_merge_keys_through_main_is_part_of_fast_recorded_and_can_be_turned_off(tiny_imdb, capsys):

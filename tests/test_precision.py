@@ -74,6 +74,23 @@ def test_retrieval_delta_is_the_difference_of_the_retrievals():
     torch.testing.assert_close(ops.retrieval_delta(p0, p0 @ K, dq, K), exact, rtol=1e-4, atol=1e-5)
 
 
+
+def test_retrieval_delta_with_bfloat16_keys_rounds_relative_to_the_change():
+    """--bf16-matmul's nudged retrieval: the two products with bfloat16 copies of the keys,
+    the result in the offsets' dtype and close to the exact change relative to itself, for
+    small and large moves (the rounding follows δ, not the states), through the overflow path too."""
+    g = torch.Generator().manual_seed(3)
+    K = torch.randn(3, 2, 40, 16, generator=g)
+    p0 = torch.softmax(torch.randn(3, 2, 30, 40, generator=g) * 2, -1)
+    for scale in (1e-6, 1e-3, 1e-1, 100.0):
+        dq = torch.randn(3, 2, 30, 16, generator=g) * scale
+        exact = ops.retrieval_delta(p0.double(), (p0 @ K).double(), dq.double(), K.double())
+        got = ops.retrieval_delta(p0, p0 @ K, dq, K.bfloat16())
+        assert got.dtype == torch.float32
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        assert 1e-6 < err < 2e-2, (scale, err)   # bfloat16 products: close, not float32-exact
+
+
 def tiny(dataset, act, seed=0):
     return tiny_model(dataset, (7,) if dataset == "SNLI" else (7, 5), act, seed=seed)
 
