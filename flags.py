@@ -235,7 +235,7 @@ def _solver_flags(a):
       help="the Hopfield retrieval over each text's distinct tokens, each weighted by its count: the "
            "same dynamics exactly, with fewer keys (padding is one); --no-merge-keys turns it off under --fast")
     a("--bf16-matmul", dest="bf16_matmul", action="store_true", default=None,
-      help="EP training with --tol-nudged: the nudged phases multiply by bfloat16 copies of the weights, "
+      help="EP training with --tol-nudged: the nudged phases multiply by bfloat16 copies of the weights and keys, "
            "δ = s − s0 stays float32; free phase, Hebbian estimate and evaluation unchanged (fast on CPUs "
            "with AVX512-BF16 and on GPUs)")
 

@@ -503,6 +503,8 @@ def estimator_gap(estimator, betas):
     return (beta1 if a == 0 else a * beta2) - (beta1 if b == 0 else b * beta2)
 
 
+# --bf16-matmul rounds the nudged retrieval's keys to bfloat16 too (False: the weights only, for
+# tools/ab_switch.py model_utils.BF16_KEYS; docs/speed.md)
 BF16_KEYS = True
 
 
@@ -525,8 +527,8 @@ def ep_gradients(model, x, y, T, K, betas, estimator="symmetric", tol=None, free
     nudged phases as one batch, stopped together when δ changes by less than tol_nudged relative
     to itself; warm: the FC states to start the free phase from (`EPNet.warm_states`);
     sample_exit: each sample leaves a phase on its own stopping rule (`fixed_point.solve_per_sample`);
-    bf16_matmul (with tol_nudged): the nudged phases multiply by bfloat16 copies of the weights,
-    δ and everything else staying in the model's dtype (docs/speed.md)."""
+    bf16_matmul (with tol_nudged): the nudged phases multiply by bfloat16 copies of the weights
+    and keys, δ and everything else staying in the model's dtype (docs/speed.md)."""
     beta1, beta2 = betas
     est = estimator_name(estimator)
     pair, signs = ESTIMATORS[est], [sg for sg in ESTIMATORS[est] if sg != 0]
@@ -593,8 +595,9 @@ def nudged_phases(model, s0, drive, keys, y, K, betas, pair, tol=None, anderson=
     """The nudged phases of an estimator `pair` (ESTIMATORS) from the free state s0, run on
     offsets δ = s − s0: together with a solver (`relax_nudged_pair`), else one by one. Returns
     ({sign: state}, the δ difference of the pair, steps over all phases).
-    bf16_matmul: the δ steps multiply by bfloat16 copies of the weights; δ, the setup at s0 and
-    the stopping rule stay float32 (the products' rounding is relative to δ, not to s)."""
+    bf16_matmul: the δ steps multiply by bfloat16 copies of the weights and of the keys
+    (`ops.retrieval_delta`); δ, the setup at s0 and the stopping rule stay float32 (the
+    products' rounding is relative to δ, not to s)."""
     beta1, beta2 = betas
     signs = [sg for sg in pair if sg != 0]
     setup = model.nudged_setup(s0, drive, keys, beta1, y)

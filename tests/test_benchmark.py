@@ -256,3 +256,20 @@ def test_ab_switch_alternates_a_switch_and_restores_it(capsys):
         ab_switch.main(["nosuch.FLAG"])
     with pytest.raises(SystemExit, match="--rounds: expected a positive integer"):
         ab_switch.main(["ops.ONEDNN_LINEAR", "--rounds", "x"])
+
+
+def test_solver_check_fast_rows_take_tolerances_and_the_bfloat16_options():
+    """tools/solver_check.py --fast-tols: TOL,TOL_NUDGED[,bf16-matmul][,bf16] -> ep_gradients' keywords."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import solver_check
+    name, kw = solver_check.fast_row("3e-2,1e-1,bf16-matmul,bf16")
+    assert name == "--fast --tol 0.03 --tol-nudged 0.1 --bf16-matmul --bf16"
+    assert kw == dict(tol=3e-2, tol_nudged=1e-1, anderson=5, sample_exit=True, bf16_matmul=True,
+                      free_dtype=torch.bfloat16)
+    assert solver_check.fast_row("1e-3,1e-2")[1] == dict(tol=1e-3, tol_nudged=1e-2, anderson=5, sample_exit=True)
+    with pytest.raises(ValueError, match="unknown option 'fp8'"):
+        solver_check.fast_row("1e-3,1e-2,fp8")
+    with pytest.raises(SystemExit):
+        solver_check.main(["run", "--fast-tols", "1e-3"])

@@ -9,7 +9,8 @@ error max over parameters ‖g − g_ref‖ / ‖g_ref‖:
 plain synchronous T and K steps (the default); the stopping rules alone (--tol, --tol-nudged);
 Anderson mixing with them, batch-wide and per sample (--sample-exit: --fast), and --fast with
 --bf16-matmul where the CPU has bfloat16 kernels; and plain steps up
-to --ref-steps; with --fast-tols, --fast at other stopping tolerances. Steps are per sample
+to --ref-steps; with --fast-tols, --fast at other stopping tolerances (and with --bf16-matmul
+or a bfloat16 free phase, --bf16). Steps are per sample
 (the work, in steps of the whole batch). Also
 the relative distance of the plain T-step free state from the reference fixed point. Prints one
 JSON line per batch and a summary.
@@ -36,9 +37,15 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--ref-steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--fast-tols", nargs="*", default=[], metavar="TOL,TOL_NUDGED",
-                   help="also --fast with these stopping tolerances (free,nudged), e.g. 1e-2,3e-2")
+    p.add_argument("--fast-tols", nargs="*", default=[], metavar="TOL,TOL_NUDGED[,bf16-matmul][,bf16]",
+                   help="also --fast with these stopping tolerances (free,nudged), e.g. 1e-2,3e-2, optionally "
+                        "with --bf16-matmul and/or --bf16 (a bfloat16 free phase): 3e-2,1e-1,bf16-matmul,bf16")
     args = p.parse_args(argv)
+    for spec in args.fast_tols:
+        try:
+            fast_row(spec)
+        except ValueError as e:
+            p.error(f"--fast-tols {spec}: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,13 +68,12 @@ def main(argv=None):
         f"plain free phase up to {args.ref_steps} steps": dict(T=args.ref_steps, K=args.ref_steps, tol=1e-6,
                                                               tol_nudged=1e-5),
     }
-    for pair in args.fast_tols:
-        tol, tol_nudged = (float(v) for v in pair.split(","))
-        solvers[f"--fast --tol {tol:g} --tol-nudged {tol_nudged:g}"] = dict(
-            T=T, K=K, tol=tol, tol_nudged=tol_nudged, anderson=5, sample_exit=True)
+    for spec in args.fast_tols:
+        name, kw = fast_row(spec)
+        solvers[name] = dict(T=T, K=K, **kw)
     import ops
     if torch.bfloat16 not in ops.ONEDNN_DTYPES:   # generic bf16 matmuls: correct, not worth timing
-        solvers = {k: v for k, v in solvers.items() if not v.get("bf16_matmul")}
+        solvers = {k: v for k, v in solvers.items() if not (v.get("bf16_matmul") or v.get("free_dtype"))}
     rows = {name: [] for name in solvers}
     for _ in range(args.batches):
         x, y = benchmark.random_batch(model, b, "cpu", torch.float32, None)
@@ -93,6 +99,19 @@ def main(argv=None):
                           **{k: v[-1] for k, v in rows.items()}}))
     print(json.dumps({"summary": {k: {m: round(sum(r[m] for r in v) / len(v), 6) for m in v[0]}
                                   for k, v in rows.items()}}, indent=1))
+
+
+def fast_row(spec):
+    """'TOL,TOL_NUDGED[,bf16-matmul][,bf16]' -> (row name, ep_gradients keywords of --fast with them)."""
+    tol, tol_nudged, *extra = spec.split(",")
+    kw = dict(tol=float(tol), tol_nudged=float(tol_nudged), anderson=5, sample_exit=True)
+    name = f"--fast --tol {kw['tol']:g} --tol-nudged {kw['tol_nudged']:g}"
+    for opt in extra:
+        if opt not in ("bf16-matmul", "bf16"):
+            raise ValueError(f"unknown option {opt!r} (bf16-matmul, bf16)")
+        kw["bf16_matmul" if opt == "bf16-matmul" else "free_dtype"] = True if opt == "bf16-matmul" else torch.bfloat16
+        name += f" --{opt}"
+    return name, kw
 
 
 if __name__ == "__main__":
