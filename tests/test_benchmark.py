@@ -271,5 +271,6 @@ def test_solver_check_fast_rows_take_tolerances_and_the_bfloat16_options():
     assert solver_check.fast_row("1e-3,1e-2")[1] == dict(tol=1e-3, tol_nudged=1e-2, anderson=5, sample_exit=True)
     with pytest.raises(ValueError, match="unknown option 'fp8'"):
         solver_check.fast_row("1e-3,1e-2,fp8")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         solver_check.main(["run", "--fast-tols", "1e-3"])
+    assert exit_.value.code == 2

@@ -41,9 +41,10 @@ def main(argv=None):
                    help="also --fast with these stopping tolerances (free,nudged), e.g. 1e-2,3e-2, optionally "
                         "with --bf16-matmul and/or --bf16 (a bfloat16 free phase): 3e-2,1e-1,bf16-matmul,bf16")
     args = p.parse_args(argv)
+    fast_rows = []
     for spec in args.fast_tols:
         try:
-            fast_row(spec)
+            fast_rows.append(fast_row(spec))
         except ValueError as e:
             p.error(f"--fast-tols {spec}: {e}")
     if args.threads:
@@ -68,8 +69,7 @@ def main(argv=None):
         f"plain free phase up to {args.ref_steps} steps": dict(T=args.ref_steps, K=args.ref_steps, tol=1e-6,
                                                               tol_nudged=1e-5),
     }
-    for spec in args.fast_tols:
-        name, kw = fast_row(spec)
+    for name, kw in fast_rows:
         solvers[name] = dict(T=T, K=K, **kw)
     import ops
     if torch.bfloat16 not in ops.ONEDNN_DTYPES:   # generic bf16 matmuls: correct, not worth timing
@@ -101,15 +101,19 @@ def main(argv=None):
                                   for k, v in rows.items()}}, indent=1))
 
 
+FAST_ROW_OPTIONS = {"bf16-matmul": ("bf16_matmul", True), "bf16": ("free_dtype", torch.bfloat16)}  # ep_gradients'
+
+
 def fast_row(spec):
     """'TOL,TOL_NUDGED[,bf16-matmul][,bf16]' -> (row name, ep_gradients keywords of --fast with them)."""
     tol, tol_nudged, *extra = spec.split(",")
     kw = dict(tol=float(tol), tol_nudged=float(tol_nudged), anderson=5, sample_exit=True)
     name = f"--fast --tol {kw['tol']:g} --tol-nudged {kw['tol_nudged']:g}"
     for opt in extra:
-        if opt not in ("bf16-matmul", "bf16"):
-            raise ValueError(f"unknown option {opt!r} (bf16-matmul, bf16)")
-        kw["bf16_matmul" if opt == "bf16-matmul" else "free_dtype"] = True if opt == "bf16-matmul" else torch.bfloat16
+        if opt not in FAST_ROW_OPTIONS:
+            raise ValueError(f"unknown option {opt!r} ({', '.join(FAST_ROW_OPTIONS)})")
+        key, value = FAST_ROW_OPTIONS[opt]
+        kw[key] = value
         name += f" --{opt}"
     return name, kw
 
